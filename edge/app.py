@@ -1,0 +1,199 @@
+"""Composition root: builds every object of a worker, serves, reloads and drains.
+
+`run()` is the process entry. One worker serves in this process; N workers are N spawned
+processes, each with its own SO_REUSEPORT listening socket on the same port, so the kernel
+spreads connections across them and a slow worker never holds an accept lock.
+
+Shutdown order (as uvicorn does it): mark draining (/ready answers 503), close the listening
+socket, let in-flight requests finish within the drain timeout, cancel what is left, then close
+the upstream session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+from dataclasses import replace
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+
+import uvloop
+from aiohttp import web
+
+from edge import config as config_mod
+from edge.balance import Balancer
+from edge.config import Config
+from edge.discovery import Discovery
+from edge.fleet import FleetView, HostTable
+from edge.forward import Forwarder, make_session
+from edge.metrics import Metrics
+from edge.server import EdgeHandler, Lifecycle
+
+log = logging.getLogger("edge.app")
+
+
+class Worker:
+    """Every object one worker needs, built once and passed in."""
+
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.life = Lifecycle()
+        self.view = FleetView()
+        self.table = HostTable()
+        self.session = make_session(config.upstream)
+        self.metrics = Metrics(lambda: self.view.fleet)
+        self.discovery = Discovery(
+            config.discovery, config.static, self.table, self.view, self.session
+        )
+        self.forwarder = Forwarder(self.session, Balancer(), self.metrics, config.upstream)
+        self.handler = EdgeHandler(
+            self.view, self.forwarder, self.metrics, config.server, self.life
+        )
+        self.web = web.Server(self.handler, handler_cancellation=True, access_log=None)
+        self._server: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, sock: socket.socket) -> None:
+        await self.discovery.refresh()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self.web, sock=sock, backlog=2048)
+        self._tasks.append(asyncio.create_task(self.discovery.run(), name="discovery"))
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config file and every source; connections are untouched."""
+        try:
+            fresh = config_mod.load(self.config_path) if self.config_path else self.config
+        except config_mod.ConfigError as exc:
+            log.error("reload refused: %s", exc)
+            return
+        fresh = replace(fresh, discovery=replace(fresh.discovery, sources=self._sources(fresh)))
+        self.discovery.reconfigure(fresh.discovery, fresh.static)
+        self.forwarder.settings = fresh.upstream
+        await self.discovery.refresh()
+        log.info("reloaded: %r", self.view.fleet)
+
+    def _sources(self, fresh: Config) -> tuple[str, ...]:
+        # Sources given as flags win over the file, on reload as at start.
+        return self.config.discovery.sources or fresh.discovery.sources
+
+    async def drain(self) -> None:
+        self.life.draining = True
+        if self._server is not None:
+            self._server.close()
+        await self.web.shutdown(self.config.server.drain_timeout_s)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.session.close()
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.view!r} draining={self.life.draining}>"
+
+
+def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.setblocking(False)
+    return sock
+
+
+async def serve_worker(config: Config, config_path: str | None, sock: socket.socket) -> int:
+    worker = Worker(config, config_path)
+    await worker.start(sock)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = asyncio.create_task(worker.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await stop.wait()
+    log.info("draining (up to %.0f s)", config.server.drain_timeout_s)
+    await worker.drain()
+    return 0
+
+
+def _worker_main(config: Config, config_path: str | None, port: int) -> None:
+    configure_logging()
+    sock = bind(config.server.host, port, reuse_port=True)
+    sys.exit(uvloop.run(serve_worker(config, config_path, sock)))
+
+
+def run(config: Config, config_path: str | None = None) -> int:
+    s = config.server
+    if s.workers == 1:
+        sock = bind(s.host, s.port, reuse_port=False)
+        _announce(s.host, sock.getsockname()[1], 1)
+        return uvloop.run(serve_worker(config, config_path, sock))
+    return supervise(config, config_path)
+
+
+def supervise(config: Config, config_path: str | None) -> int:
+    """Run `workers` processes on one port; restart one that dies; forward TERM/INT/HUP."""
+    s = config.server
+    # Holding a bound (not listening) socket reserves the port, so port 0 resolves once.
+    holder = bind(s.host, s.port, reuse_port=True)
+    port = holder.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def spawn() -> BaseProcess:
+        proc = ctx.Process(target=_worker_main, args=(config, config_path, port), daemon=False)
+        proc.start()
+        return proc
+
+    procs = [spawn() for _ in range(s.workers)]
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = stopping or signum != signal.SIGHUP
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    _announce(s.host, port, s.workers)
+    code = 0
+    while procs:
+        wait([p.sentinel for p in procs])
+        for i, proc in enumerate(list(procs)):
+            if proc.is_alive():
+                continue
+            code = max(code, proc.exitcode or 0)
+            procs.remove(proc)
+            if not stopping:
+                log.error("worker %s exited with %s; restarting it", proc.pid, proc.exitcode)
+                procs.insert(i, spawn())
+    holder.close()
+    return code
+
+
+def _announce(host: str, port: int, workers: int) -> None:
+    shown = f"[{host}]" if ":" in host else host
+    print(f"edge serving on http://{shown}:{port} ({workers} worker(s))", flush=True)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
+    )

@@ -1,0 +1,281 @@
+"""Configuration: frozen dataclasses read from TOML and CLI flags, validated once at start.
+
+Every setting has a default here and is documented in `config/edge.toml`. Flags override the file.
+Nothing reads configuration after start but through the `Config` value it was handed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the setting."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_body_bytes: int = 32 * 1024 * 1024
+    drain_timeout_s: float = 30.0
+    # Names the served server in each proxied response's X-Edge-Server header.
+    expose_server: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    connect_timeout_s: float = 3.0
+    # Until the first body byte (an SSE stream's first event), not just the headers: engines send
+    # headers at once and then spend the prefill silently.
+    first_byte_timeout_s: float = 120.0
+    idle_timeout_s: float = 120.0
+    max_attempts: int = 3
+    max_connections_per_server: int = 512
+    keepalive_s: float = 30.0
+    ca_bundle: str = ""
+    verify_tls: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoverySettings:
+    sources: tuple[str, ...] = ()
+    refresh_s: float = 10.0
+    timeout_s: float = 5.0
+
+
+AUTH_MODES = ("passthrough", "keys", "none")
+FAILURE_POLICIES = ("fail_open", "fail_closed")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    # passthrough: the client's key goes to the hosts unchanged (LibertAI gives keys to every
+    # host); keys: the edge checks keys itself and each server gets its configured key or none;
+    # none: no check, and no client key reaches a host.
+    mode: str = "passthrough"
+    key_store: str = ""  # JSON key file, hot-reloaded; "" with redis_url keeps keys in Redis
+    redis_url: str = ""  # limits (and keys) shared by every worker and replica
+    failure_policy: str = "fail_open"  # Redis unreachable: serve on local limits, or answer 503
+    redis_timeout_s: float = 0.25  # per Redis call, connect included: the edge never waits longer
+    reload_s: float = 2.0  # how often the key store is re-checked for changes
+    token_estimate: int = 1024  # reserved against tpm when a request names no max_tokens
+    lease_s: float = 900.0  # a concurrency slot a crashed edge held frees itself after this
+    # server URL -> the key that server gets in keys/none mode ("env:NAME" reads a variable).
+    upstream_keys: Mapping[str, str] = field(default_factory=dict)
+    # model -> [prompt, completion] price per million tokens, for the usage cost counter.
+    prices: Mapping[str, Any] = field(default_factory=dict)
+
+
+POLICIES = ("latency", "least_inflight", "round_robin", "random", "throughput", "price")
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """Per million tokens, as the operator configured it for one server and model."""
+
+    input: float = 0.0
+    output: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRouting:
+    """Per-model overrides of [routing]: policy "" follows routing.policy; affinity is on when
+    both say so, hedging when either does."""
+
+    policy: str = ""
+    affinity: bool = True
+    hedging: bool = False
+    # server URL -> price; servers without one sort after every priced server.
+    prices: Mapping[str, Price] = field(default_factory=dict, metadata={"entry": Price})
+
+
+def _default_secret() -> str:
+    # Drawn once when the config is built, before workers are spawned, so that the workers of one
+    # edge agree without configuration. Replicas must share EDGE_AFFINITY_SECRET (or the setting).
+    return os.environ.get("EDGE_AFFINITY_SECRET") or secrets.token_hex(32)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSettings:
+    policy: str = "latency"
+    affinity: bool = True
+    cookie_name: str = "edge_affinity"
+    cookie_secret: str = field(default_factory=_default_secret, repr=False)
+    cookie_max_age_s: int = 3600
+    session_header: str = "X-Session-ID"
+    prefix_bytes: int = 4096  # bytes of system prompt and of first user message hashed, each
+    load_factor: float = 1.5  # bounded loads: an affine server takes at most c x the mean
+    decay_s: float = 10.0  # a score unrefreshed for this long is ~63% back to neutral
+    hedging: bool = False
+    hedge_budget: float = 0.05  # hedges per request, at most
+    hedge_min_delay_s: float = 0.05
+    scrape: tuple[str, ...] = ()  # server URL prefixes whose /metrics are read ("*": all)
+    scrape_interval_s: float = 5.0
+    scrape_timeout_s: float = 2.0
+    models: Mapping[str, ModelRouting] = field(
+        default_factory=dict, metadata={"entry": ModelRouting}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    # model id -> server URLs named in the config file itself.
+    static: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerSettings,
+    "upstream": UpstreamSettings,
+    "discovery": DiscoverySettings,
+    "auth": AuthSettings,
+    "routing": RoutingSettings,
+}
+
+
+def load(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Read the TOML file (if any), apply flag overrides (`section__name=value`), validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    return from_mapping(raw, **overrides)
+
+
+def from_mapping(raw: Mapping[str, Any], **overrides: Any) -> Config:
+    unknown = set(raw) - set(_SECTIONS) - {"models"}
+    if unknown:
+        raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+    sections = {name: _section(cls, name, raw.get(name, {})) for name, cls in _SECTIONS.items()}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        name, _, setting = key.partition("__")
+        sections[name] = _replace(sections[name], name, setting, value)
+    config = Config(static=_static_models(raw.get("models", {})), **sections)
+    validate(config)
+    return config
+
+
+def _section(cls: type[Any], name: str, values: Any) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"[{name}] must be a table")
+    obj = cls()
+    for key, value in values.items():
+        obj = _replace(obj, name, key, value)
+    return obj
+
+
+def _replace(obj: Any, section: str, key: str, value: Any) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if key not in fields:
+        raise ConfigError(f"unknown setting {section}.{key}")
+    current = getattr(obj, key)
+    if isinstance(current, tuple):
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{section}.{key} must be a list of strings")
+        value = tuple(value)
+    elif isinstance(current, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"[{section}.{key}] must be a table")
+        value = dict(value)
+        entry = fields[key].metadata.get("entry")  # a dataclass: each value is one such table
+        if entry is not None:
+            value = {k: _section(entry, f'{section}.{key}."{k}"', v) for k, v in value.items()}
+    elif isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{section}.{key} must be true or false")
+    elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif type(value) is not type(current):
+        raise ConfigError(f"{section}.{key} must be a {type(current).__name__}")
+    return dataclasses.replace(obj, **{key: value})
+
+
+def _static_models(models: Any) -> dict[str, tuple[str, ...]]:
+    if not isinstance(models, Mapping):
+        raise ConfigError("[models] must be a table of model ids")
+    out: dict[str, tuple[str, ...]] = {}
+    for model, entry in models.items():
+        servers = entry.get("servers") if isinstance(entry, Mapping) else None
+        if not isinstance(servers, list) or not all(isinstance(s, str) for s in servers):
+            raise ConfigError(f'models."{model}".servers must be a list of URLs')
+        out[model] = tuple(servers)
+    return out
+
+
+def validate(config: Config) -> None:
+    s, u, d = config.server, config.upstream, config.discovery
+    checks = [
+        (0 <= s.port <= 65535, "server.port must be 0..65535"),
+        (1 <= s.workers <= 256, "server.workers must be 1..256"),
+        (s.max_body_bytes >= 1024, "server.max_body_bytes must be at least 1024"),
+        (s.drain_timeout_s >= 0, "server.drain_timeout_s must be >= 0"),
+        (u.connect_timeout_s > 0, "upstream.connect_timeout_s must be > 0"),
+        (u.first_byte_timeout_s > 0, "upstream.first_byte_timeout_s must be > 0"),
+        (u.idle_timeout_s > 0, "upstream.idle_timeout_s must be > 0"),
+        (1 <= u.max_attempts <= 10, "upstream.max_attempts must be 1..10"),
+        (u.max_connections_per_server >= 1, "upstream.max_connections_per_server must be >= 1"),
+        (d.refresh_s > 0, "discovery.refresh_s must be > 0"),
+    ]
+    for ok, message in checks + _auth_checks(config.auth) + _routing_checks(config.routing):
+        if not ok:
+            raise ConfigError(message)
+
+
+def _auth_checks(a: AuthSettings) -> list[tuple[bool, str]]:
+    prices = a.prices.values()
+    return [
+        (a.mode in AUTH_MODES, f"auth.mode must be one of {', '.join(AUTH_MODES)}"),
+        (a.failure_policy in FAILURE_POLICIES, "auth.failure_policy: fail_open or fail_closed"),
+        (a.mode != "keys" or bool(a.key_store or a.redis_url),
+         "auth.mode = keys needs auth.key_store or auth.redis_url"),
+        (not a.redis_url or a.redis_url.startswith(("redis://", "rediss://", "unix://")),
+         "auth.redis_url must be a redis://, rediss:// or unix:// URL"),
+        (a.redis_timeout_s > 0 and a.reload_s > 0 and a.lease_s > 0,
+         "auth.redis_timeout_s, auth.reload_s and auth.lease_s must be > 0"),
+        (a.token_estimate >= 0, "auth.token_estimate must be >= 0"),
+        (all(isinstance(v, str) and v for v in a.upstream_keys.values()),
+         "auth.upstream_keys maps server URLs to non-empty strings"),
+        (all(isinstance(v, list) and len(v) == 2 and all(_price(x) for x in v) for v in prices),
+         "auth.prices maps models to [prompt, completion] prices per million tokens (>= 0)"),
+    ]  # fmt: skip
+
+
+def _price(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+
+def _routing_checks(r: RoutingSettings) -> list[tuple[bool, str]]:
+    policies = [r.policy] + [m.policy for m in r.models.values() if m.policy]
+    prices = [p for m in r.models.values() for p in m.prices.values()]
+    return [
+        (all(p in POLICIES for p in policies), f"routing policies: {', '.join(POLICIES)}"),
+        (bool(r.cookie_name) and all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in r.cookie_name),
+         "routing.cookie_name must be a cookie token (letters, digits, -_.)"),
+        (len(r.cookie_secret) >= 16, "routing.cookie_secret must be at least 16 characters"),
+        (r.cookie_max_age_s > 0, "routing.cookie_max_age_s must be > 0"),
+        (bool(r.session_header), "routing.session_header must not be empty"),
+        (r.prefix_bytes >= 64, "routing.prefix_bytes must be >= 64"),
+        (r.load_factor >= 1.0, "routing.load_factor must be >= 1"),
+        (r.decay_s > 0 and r.scrape_interval_s > 0 and r.scrape_timeout_s > 0,
+         "routing.decay_s, scrape_interval_s and scrape_timeout_s must be > 0"),
+        (0.0 <= r.hedge_budget <= 1.0, "routing.hedge_budget must be 0..1"),
+        (r.hedge_min_delay_s >= 0, "routing.hedge_min_delay_s must be >= 0"),
+        (all(p.input >= 0 and p.output >= 0 for p in prices), "routing prices must be >= 0"),
+    ]  # fmt: skip

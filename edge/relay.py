@@ -1,0 +1,138 @@
+"""Upstream body -> client, as it arrives: every read is written at once, with backpressure.
+
+Nothing is parsed per chunk. The relay keeps references to the first chunk and the last two, and
+only after the last byte went out does it look there for `usage` (OpenAI's usage object or
+`include_usage` chunk, Anthropic's message_start/message_delta, Gemini's usageMetadata).
+
+After the status is committed, an upstream that fails cannot be retried: an SSE stream ends with
+an error event in the client's dialect and a clean close; any other body is cut off (the client
+sees a truncated response, never a well-formed wrong one).
+"""
+
+from __future__ import annotations
+
+import re
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from edge.forward import Upstream, client_headers
+from edge.metrics import Usage
+from edge.route import ANTHROPIC, GEMINI
+
+_USAGE = re.compile(rb'"(?:usage|usageMetadata)"\s*:\s*(\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\})')
+_PROMPT_KEYS = ("prompt_tokens", "input_tokens", "promptTokenCount")
+_COMPLETION_KEYS = ("completion_tokens", "output_tokens", "candidatesTokenCount")
+
+
+class Relayed:
+    """What the relay saw, for the observation recorded after it."""
+
+    __slots__ = ("status", "bytes_out", "usage", "outcome")
+
+    def __init__(self, status: int, bytes_out: int, usage: Usage | None, outcome: str) -> None:
+        self.status = status
+        self.bytes_out = bytes_out
+        self.usage = usage
+        self.outcome = outcome
+
+    def __repr__(self) -> str:
+        return f"<Relayed {self.status} {self.outcome} bytes={self.bytes_out}>"
+
+
+async def relay(
+    request: web.BaseRequest, up: Upstream, dialect: str, extra: dict[str, str]
+) -> tuple[web.StreamResponse, Relayed]:
+    upstream = up.response
+    headers = client_headers(upstream)
+    headers.update(extra)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    await response.prepare(request)
+    first = up.first
+    prev = last = first
+    sent = len(first)
+    if first:
+        await response.write(first)
+    content = upstream.content
+    while True:
+        try:
+            chunk = await content.readany()
+        except (TimeoutError, aiohttp.ClientError):
+            await _broken(request, response, upstream, dialect, last)
+            return response, Relayed(upstream.status, sent, None, "stream_error")
+        if not chunk:
+            break
+        await response.write(chunk)
+        sent += len(chunk)
+        prev, last = last, chunk
+    await response.write_eof()
+    tail = last if prev is last else prev + last
+    return response, Relayed(upstream.status, sent, read_usage(first, tail), "ok")
+
+
+async def _broken(
+    request: web.BaseRequest,
+    response: web.StreamResponse,
+    upstream: aiohttp.ClientResponse,
+    dialect: str,
+    last: bytes,
+) -> None:
+    if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+        if request.transport is not None:
+            request.transport.close()
+        return
+    lead = b"" if last.endswith((b"\n\n", b"\r\n\r\n")) or not last else b"\n\n"
+    await response.write(lead + error_event(dialect))
+    await response.write_eof()
+
+
+def error_event(dialect: str) -> bytes:
+    """The final SSE event that tells a streaming client its upstream failed mid-answer."""
+    message = "The model server failed while streaming this response."
+    if dialect == ANTHROPIC:
+        doc = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return b"event: error\ndata: " + orjson.dumps(doc) + b"\n\n"
+    if dialect == GEMINI:
+        body = {"error": {"code": 502, "message": message, "status": "UNAVAILABLE"}}
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+    err = {"message": message, "type": "server_error", "param": None, "code": "upstream_error"}
+    return b"data: " + orjson.dumps({"error": err}) + b"\n\n"
+
+
+def read_usage(head: bytes, tail: bytes) -> Usage | None:
+    """Token counts from the last usage object in `tail`, completed from `head` (Anthropic sends
+    input tokens in message_start, at the head of the stream)."""
+    found = _last_usage(tail)
+    if found is None:
+        return None
+    prompt = _first_int(found, _PROMPT_KEYS)
+    if prompt is None and head is not tail:
+        prompt = _first_int(_last_usage(head) or {}, _PROMPT_KEYS)
+    completion = _first_int(found, _COMPLETION_KEYS)
+    if prompt is None and completion is None:
+        return None
+    return Usage(prompt or 0, completion or 0)
+
+
+def _last_usage(data: bytes) -> dict[str, object] | None:
+    found = None
+    for found in _USAGE.finditer(data):  # noqa: B007 - the last match is the one wanted
+        pass
+    if found is None:
+        return None
+    try:
+        doc = orjson.loads(found.group(1))
+    except orjson.JSONDecodeError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _first_int(doc: dict[str, object], keys: tuple[str, ...]) -> int | None:
+    for key in keys:
+        value = doc.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None

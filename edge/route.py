@@ -1,0 +1,118 @@
+"""Classify a proxied request, read its body once (bounded) and parse it once.
+
+The parsed document is only looked at (model, stream flag, later affinity keys); the original
+bytes are what goes upstream, unchanged. The dialect decides the error shape the client gets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edge.errors import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, Unprocessable
+
+OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
+
+# Path -> route label for metrics; any other POST /v1/... with a model is "other".
+_ROUTES = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/rerank": "rerank",
+    "/v1/messages": "messages",
+    "/v1/images/generations": "images",
+}
+_GEMINI_PREFIX = "/v1beta/models/"
+_GEMINI_METHODS = {"generateContent": False, "streamGenerateContent": True}
+
+
+class ProxyRequest:
+    """What the rest of the path needs to know about one proxied request."""
+
+    __slots__ = ("dialect", "route", "model", "stream", "body", "target", "doc")
+
+    def __init__(
+        self, dialect: str, route: str, model: str, stream: bool, body: bytes, target: str,
+        doc: dict[str, Any],
+    ) -> None:  # fmt: skip
+        self.dialect = dialect
+        self.route = route
+        self.model = model
+        self.stream = stream
+        self.body = body
+        self.target = target  # path and query string, as sent upstream
+        self.doc = doc
+
+    def __repr__(self) -> str:
+        return f"<ProxyRequest {self.route} model={self.model!r} stream={self.stream}>"
+
+
+def dialect_of(path: str) -> str:
+    """Which API's error shape a path speaks, decided from the path alone."""
+    if path.startswith("/v1beta/"):
+        return GEMINI
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return ANTHROPIC
+    return OPENAI
+
+
+def is_proxied(path: str) -> bool:
+    return path.startswith("/v1/") or path.startswith(_GEMINI_PREFIX)
+
+
+async def parse(request: web.BaseRequest, max_body: int) -> ProxyRequest:
+    path = request.path
+    if request.method != "POST":
+        raise MethodNotAllowed(request.method, "POST")
+    if path.startswith(_GEMINI_PREFIX):
+        return await _parse_gemini(request, path, max_body)
+    route = _ROUTES.get(path, "other")
+    body = await read_body(request, max_body)
+    doc = _json_object(body)
+    model = doc.get("model")
+    if not isinstance(model, str) or not model:
+        raise Unprocessable("The request body must name a 'model' (a string).", param="model")
+    stream = doc.get("stream") is True
+    target = request.rel_url.raw_path_qs
+    return ProxyRequest(dialect_of(path), route, model, stream, body, target, doc)
+
+
+async def _parse_gemini(request: web.BaseRequest, path: str, max_body: int) -> ProxyRequest:
+    model, _, method = path[len(_GEMINI_PREFIX) :].rpartition(":")
+    stream = _GEMINI_METHODS.get(method)
+    if not model or stream is None:
+        raise NotFound(
+            f"Unknown Gemini method {method!r}; use :generateContent or :streamGenerateContent."
+        )
+    body = await read_body(request, max_body)
+    doc = _json_object(body)
+    return ProxyRequest(GEMINI, "gemini", model, stream, body, request.rel_url.raw_path_qs, doc)
+
+
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
+    """The whole body, refusing with 413 as soon as it passes `limit` (before reading it all)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"The request body is over the limit of {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body is over the limit of {limit} bytes.")
+        chunks.append(chunk)
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    request._read_bytes = body  # so aiohttp and later readers see the body as consumed
+    return body
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("The request body is not valid JSON.") from None
+    if not isinstance(doc, dict):
+        raise Unprocessable("The request body must be a JSON object.", param="model")
+    return doc

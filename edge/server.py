@@ -1,0 +1,210 @@
+"""The request handler: the edge's own endpoints, the proxied path, and errors in each API's shape.
+
+This is aiohttp's low-level `web.Server` handler: no router, no middlewares. An exact-path
+dictionary answers the edge's own endpoints; everything under /v1/ and /v1beta/models/ is
+proxied. An EdgeError raised anywhere below becomes the error body of the dialect the client
+spoke (OpenAI, Anthropic or Google), with the right status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from edge.config import ServerSettings
+from edge.errors import EdgeError, MethodNotAllowed, NotFound
+from edge.fleet import Fleet, FleetView
+from edge.forward import Forwarder, request_id, upstream_headers
+from edge.metrics import CONTENT_TYPE, Metrics, Observation
+from edge.relay import relay
+from edge.route import ANTHROPIC, GEMINI, dialect_of, is_proxied, parse
+
+log = logging.getLogger("edge.server")
+
+JSON = "application/json"
+_GOOGLE_STATUS = {
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+    405: "UNIMPLEMENTED", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE",
+}  # fmt: skip
+_ANTHROPIC_TYPE = {
+    401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+}  # fmt: skip
+
+
+def error_body(err: EdgeError, dialect: str) -> bytes:
+    if dialect == ANTHROPIC:
+        kind = _ANTHROPIC_TYPE.get(err.status, "invalid_request_error")
+        if err.status >= 500 and err.status != 503:
+            kind = "api_error"
+        return orjson.dumps({"type": "error", "error": {"type": kind, "message": err.message}})
+    if dialect == GEMINI:
+        status = _GOOGLE_STATUS.get(err.status, "INTERNAL")
+        return orjson.dumps(
+            {"error": {"code": err.status, "message": err.message, "status": status}}
+        )
+    body = {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}
+    # `detail` is the key LibertAI clients read; `error` is OpenAI's shape.
+    return orjson.dumps({"error": body, "detail": err.message})
+
+
+def error_response(err: EdgeError, dialect: str, rid: str | None = None) -> web.Response:
+    response = web.Response(
+        status=err.status, body=error_body(err, dialect), content_type=JSON, headers=err.headers
+    )
+    if rid:
+        response.headers["X-Request-ID"] = rid
+    return response
+
+
+class Lifecycle:
+    """Whether the edge takes new work; `/ready` and the drain read it."""
+
+    __slots__ = ("draining",)
+
+    def __init__(self) -> None:
+        self.draining = False
+
+    def __repr__(self) -> str:
+        return f"<Lifecycle draining={self.draining}>"
+
+
+class _Local:
+    """Answers for the edge's own endpoints, cached per fleet snapshot where they depend on it."""
+
+    def __init__(self, view: FleetView, metrics: Metrics, life: Lifecycle) -> None:
+        self.view, self.metrics, self.life = view, metrics, life
+        self._cached_for: Fleet | None = None
+        self._models = self._registry = b""
+
+    def _refresh(self) -> None:
+        fleet = self.view.fleet
+        if fleet is self._cached_for:
+            return
+        created = int(time.time())
+        data = [
+            {"id": m, "object": "model", "created": created, "owned_by": "edge"}
+            for m in fleet.models
+        ]  # fmt: skip
+        self._models = orjson.dumps({"object": "list", "data": data})
+        self._registry = orjson.dumps(
+            {m: {"servers": [h.url for h in hosts]} for m, hosts in fleet.models.items()}
+        )
+        self._cached_for = fleet
+
+    async def models(self, request: web.BaseRequest) -> web.Response:
+        self._refresh()
+        return web.Response(body=self._models, content_type=JSON)
+
+    async def registry(self, request: web.BaseRequest) -> web.Response:
+        self._refresh()
+        return web.Response(body=self._registry, content_type=JSON)
+
+    async def health(self, request: web.BaseRequest) -> web.Response:
+        return web.Response(body=b'{"status":"ok"}', content_type=JSON)
+
+    async def ready(self, request: web.BaseRequest) -> web.Response:
+        servers = self.view.fleet.host_count()
+        ready = servers > 0 and not self.life.draining
+        state = "draining" if self.life.draining else ("ready" if ready else "no servers")
+        body = orjson.dumps({"status": state, "servers": servers})
+        return web.Response(status=200 if ready else 503, body=body, content_type=JSON)
+
+    async def metrics_text(self, request: web.BaseRequest) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class EdgeHandler:
+    """The `web.Server` handler for one worker."""
+
+    def __init__(
+        self,
+        view: FleetView,
+        forwarder: Forwarder,
+        metrics: Metrics,
+        settings: ServerSettings,
+        life: Lifecycle,
+    ) -> None:
+        self.view = view
+        self.forwarder = forwarder
+        self.metrics = metrics
+        self.settings = settings
+        local = _Local(view, metrics, life)
+        self._local: dict[str, Handler] = {
+            "/v1/models": local.models,
+            "/libertai/models": local.registry,
+            "/health": local.health,
+            "/ready": local.ready,
+            "/metrics": local.metrics_text,
+        }
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        local = self._local.get(path)
+        try:
+            if local is not None:
+                if request.method not in ("GET", "HEAD"):
+                    raise MethodNotAllowed(request.method, "GET")
+                return await local(request)
+            if not is_proxied(path):
+                raise NotFound(f"No route for {path}.")
+            return await self._proxy(request)
+        except EdgeError as err:
+            return error_response(err, dialect_of(path))
+
+    async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.monotonic()
+        rid = request_id(request)
+        model, route = "", "unknown"
+        try:
+            preq = await parse(request, self.settings.max_body_bytes)
+            route = preq.route
+            hosts = self.view.fleet.hosts(preq.model)
+            if not hosts:
+                raise _unknown_model(preq.model)
+            model = preq.model
+            headers = upstream_headers(request, rid)
+            async with self.forwarder.exchange(preq, hosts, headers) as up:
+                extra = {"X-Request-ID": rid}
+                if self.settings.expose_server:
+                    extra["X-Edge-Server"] = up.host.url
+                response, done = await relay(request, up, preq.dialect, extra)
+                self.metrics.observe(
+                    Observation(
+                        model, up.host, route, done.status, done.outcome,
+                        time.monotonic() - started, up.ttfb_s, done.bytes_out, done.usage,
+                    )
+                )  # fmt: skip
+                return response
+        except EdgeError as err:
+            elapsed = time.monotonic() - started
+            self.metrics.observe(Observation(model, None, route, err.status, "edge_error", elapsed))
+            return error_response(err, dialect_of(request.path), rid)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.metrics.observe(
+                Observation(
+                    model, None, route, 499, "client_disconnect", time.monotonic() - started
+                )
+            )
+            raise
+
+    def __repr__(self) -> str:
+        return f"<EdgeHandler {self.view!r} {self.forwarder!r}>"
+
+
+def _unknown_model(model: str) -> NotFound:
+    shown = model if len(model) <= 200 else model[:200] + "..."
+    return NotFound(
+        f"The model '{shown}' does not exist here; GET /v1/models lists the models served.",
+        param="model",
+        code="model_not_found",
+    )

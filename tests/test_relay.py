@@ -1,0 +1,175 @@
+"""The relay: byte-exact and unbuffered, usage from the tail, mid-stream failure, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import orjson
+import pytest
+
+from edge.metrics import Usage
+from edge.relay import error_event, read_usage
+from tests.rawupstream import SSE_HEAD, RawUpstream, chunked
+
+CHAT = orjson.dumps(
+    {"model": "raw", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+)
+
+# Awkward SSE: an event split across writes, several events in one write, CRLF line endings,
+# comment lines, and a multi-byte UTF-8 character ("é" = c3 a9, "🙂" = 4 bytes) split across writes.
+AWKWARD = [
+    b'data: {"choices":[{"delta":{"content":"Hel',
+    b'lo"}}]}\n\n',
+    b': keep-alive comment\n\ndata: {"n":1}\n\ndata: {"n":2}\n\n',
+    b'data: {"t":"caf\xc3',
+    b"\xa9 \xf0\x9f",
+    b'\x99\x82"}\r\n\r\n',
+    b"event: ping\r\ndata: {}\r\n\r\n",
+    b"data: [DONE]\n\n",
+]
+
+
+async def _read_at_least(resp: aiohttp.ClientResponse, got: bytearray, size: int) -> None:
+    while len(got) < size:
+        chunk = await asyncio.wait_for(resp.content.readany(), timeout=2)
+        assert chunk, "stream ended early"
+        got.extend(chunk)
+
+
+async def test_sse_relayed_byte_for_byte_each_piece_before_the_next(start_edge):
+    upstream = RawUpstream(SSE_HEAD)
+    url = await upstream.start()
+    edge = await start_edge({"raw": [url]})
+    frames = chunked(AWKWARD)
+    got = bytearray()
+    expected = 0
+    async with aiohttp.ClientSession() as client:
+        # The edge waits for the first body byte before committing, so release it first.
+        upstream.pieces.put_nowait(frames[0])
+        async with client.post(f"{edge.url}/v1/chat/completions", data=CHAT) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "text/event-stream"
+            for i, piece in enumerate(AWKWARD):
+                if i:
+                    upstream.pieces.put_nowait(frames[i])
+                expected += len(piece)
+                # The piece must reach the client before the upstream sends the next one.
+                await _read_at_least(resp, got, expected)
+                assert bytes(got) == b"".join(AWKWARD[: i + 1])
+            upstream.pieces.put_nowait(frames[-1])
+            upstream.pieces.put_nowait(None)
+            rest = await asyncio.wait_for(resp.content.read(), timeout=2)
+    assert bytes(got) + rest == b"".join(AWKWARD)
+    await upstream.close()
+
+
+async def test_request_body_forwarded_byte_for_byte(start_edge):
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n"
+    upstream = RawUpstream(head)
+    url = await upstream.start()
+    edge = await start_edge({"raw": [url]})
+    # Odd spacing, key order and escapes that a parse-and-reserialise proxy would change.
+    body = b'{ "model":"raw",  "z":1, "a":"\\u00e9\\n", "n": 1.50 }'
+    upstream.pieces.put_nowait(b"{}")
+    upstream.pieces.put_nowait(None)
+    async with aiohttp.ClientSession() as client:
+        async with client.post(f"{edge.url}/v1/custom/thing?x=1&y=%20", data=body) as resp:
+            assert resp.status == 200
+            assert await resp.read() == b"{}"
+    sent = upstream.requests[0]
+    assert sent.endswith(b"\r\n\r\n" + body)
+    assert sent.startswith(b"POST /v1/custom/thing?x=1&y=%20 HTTP/1.1\r\n")
+    await upstream.close()
+
+
+async def test_client_disconnect_closes_upstream_within_a_second(start_edge):
+    upstream = RawUpstream(SSE_HEAD)
+    url = await upstream.start()
+    edge = await start_edge({"raw": [url]})
+    upstream.pieces.put_nowait(chunked([b"data: {}\n\n"])[0])
+    async with aiohttp.ClientSession() as client:
+        resp = await client.post(f"{edge.url}/v1/chat/completions", data=CHAT)
+        assert await asyncio.wait_for(resp.content.readany(), timeout=2) == b"data: {}\n\n"
+        resp.close()  # drop the connection mid-stream
+        gone = time.monotonic()
+    deadline = gone + 1.0
+    while upstream.closed_at is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert upstream.closed_at is not None, "upstream connection still open 1 s after disconnect"
+    assert upstream.closed_at - gone < 1.0
+    await asyncio.sleep(0.05)
+    assert all(h.inflight == 0 for h in edge.view.fleet.models["raw"])
+    await upstream.close()
+
+
+@pytest.mark.parametrize(
+    ("dialect_path", "marker"),
+    [("/v1/chat/completions", b'data: {"error"'), ("/v1/messages", b"event: error\ndata: ")],
+)
+async def test_upstream_death_mid_stream_ends_with_error_event(start_edge, dialect_path, marker):
+    upstream = RawUpstream(SSE_HEAD)
+    url = await upstream.start()
+    edge = await start_edge({"raw": [url]})
+    upstream.pieces.put_nowait(chunked([b'data: {"partial'])[0])
+    async with aiohttp.ClientSession() as client:
+        async with client.post(f"{edge.url}{dialect_path}", data=CHAT) as resp:
+            first = await asyncio.wait_for(resp.content.readany(), timeout=2)
+            upstream.pieces.put_nowait(None)  # the upstream closes without a final chunk
+            rest = await asyncio.wait_for(resp.content.read(), timeout=5)
+    body = first + rest
+    assert body.startswith(b'data: {"partial\n\n')  # the torn event is terminated first
+    assert marker in body and body.endswith(b"\n\n")
+    await upstream.close()
+
+
+async def test_hop_by_hop_response_headers_dropped(start_edge):
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+        b"Connection: keep-alive, X-Up-Hop\r\nX-Up-Hop: 1\r\nKeep-Alive: timeout=5\r\n"
+        b"Proxy-Authenticate: Basic\r\nX-End-To-End: yes\r\n\r\n"
+    )
+    upstream = RawUpstream(head)
+    url = await upstream.start()
+    edge = await start_edge({"raw": [url]})
+    upstream.pieces.put_nowait(b"{}")
+    upstream.pieces.put_nowait(None)
+    async with aiohttp.ClientSession() as client:
+        async with client.post(f"{edge.url}/v1/chat/completions", data=CHAT) as resp:
+            assert await resp.read() == b"{}"
+            headers = resp.headers
+    assert headers["X-End-To-End"] == "yes"
+    for name in ("X-Up-Hop", "Keep-Alive", "Proxy-Authenticate"):
+        assert name not in headers
+    assert headers.get("Connection", "keep-alive").lower() == "keep-alive"
+    await upstream.close()
+
+
+def test_usage_from_openai_include_usage_tail():
+    tail = (
+        b'data: {"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":34,'
+        b'"prompt_tokens_details":{"cached_tokens":5}}}\n\ndata: [DONE]\n\n'
+    )
+    assert read_usage(b"data: {}\n\n", tail) == Usage(12, 34)
+
+
+def test_usage_from_anthropic_head_and_tail():
+    head = b'event: message_start\ndata: {"message":{"usage":{"input_tokens":7,"output_tokens":1}}}'
+    tail = b'event: message_delta\ndata: {"usage":{"output_tokens":9}}\n\nevent: message_stop\n'
+    assert read_usage(head, tail) == Usage(7, 9)
+
+
+def test_usage_from_gemini_and_absent():
+    tail = b'{"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":4,"totalTokenCount":7}}'
+    assert read_usage(tail, tail) == Usage(3, 4)
+    assert read_usage(b"", b'{"choices":[]}') is None
+    assert read_usage(b"", b'{"usage": {"prompt_tokens": "x"}}') is None
+
+
+def test_error_event_shapes():
+    assert orjson.loads(error_event("openai")[6:])["error"]["type"] == "server_error"
+    anthropic = error_event("anthropic")
+    assert anthropic.startswith(b"event: error\n")
+    assert orjson.loads(anthropic.split(b"data: ")[1])["error"]["type"] == "api_error"
+    assert orjson.loads(error_event("gemini")[6:])["error"]["status"] == "UNAVAILABLE"
