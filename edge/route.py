@@ -6,6 +6,7 @@ bytes are what goes upstream, unchanged. The dialect decides the error shape the
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -26,12 +27,13 @@ _ROUTES = {
 }
 _GEMINI_PREFIX = "/v1beta/models/"
 _GEMINI_METHODS = {"generateContent": False, "streamGenerateContent": True}
+_WORKSPACE_ID = re.compile(r"[0-9a-f]{24}")  # Liara's workspace ids
 
 
 class ProxyRequest:
     """What the rest of the path needs to know about one proxied request."""
 
-    __slots__ = ("dialect", "route", "model", "stream", "body", "target", "doc")
+    __slots__ = ("dialect", "route", "model", "stream", "body", "target", "doc", "workspace")
 
     def __init__(
         self, dialect: str, route: str, model: str, stream: bool, body: bytes, target: str,
@@ -44,13 +46,25 @@ class ProxyRequest:
         self.body = body
         self.target = target  # path and query string, as sent upstream
         self.doc = doc
+        self.workspace = ""  # from an /api/{workspace}/v1/... path
 
     def __repr__(self) -> str:
         return f"<ProxyRequest {self.route} model={self.model!r} stream={self.stream}>"
 
 
+def split_workspace(path: str) -> tuple[str, str]:
+    """(workspace id, the plain path) for `/api/{24 hex}/v1...` paths; ("", path) otherwise."""
+    if path.startswith("/api/") and path.startswith("/v1", 29):
+        workspace = path[5:29]
+        if _WORKSPACE_ID.fullmatch(workspace):
+            return workspace, path[29:]
+    return "", path
+
+
 def dialect_of(path: str) -> str:
     """Which API's error shape a path speaks, decided from the path alone."""
+    if path.startswith("/api/"):
+        path = split_workspace(path)[1]
     if path.startswith("/v1beta/"):
         return GEMINI
     if path == "/v1/messages" or path.startswith("/v1/messages/"):
@@ -59,11 +73,25 @@ def dialect_of(path: str) -> str:
 
 
 def is_proxied(path: str) -> bool:
+    if path.startswith("/api/"):
+        path = split_workspace(path)[1]
     return path.startswith("/v1/") or path.startswith(_GEMINI_PREFIX)
 
 
 async def parse(request: web.BaseRequest, max_body: int) -> ProxyRequest:
-    path = request.path
+    workspace, path = split_workspace(request.path)
+    preq = await _parse(request, path, max_body)
+    if workspace:
+        # Upstream gets the plain /v1/... path; a prefix sent percent-encoded is not ours.
+        prefix = f"/api/{workspace}"
+        if not preq.target.startswith(prefix + "/"):
+            raise NotFound(f"No route for {request.path}.")
+        preq.target = preq.target[len(prefix) :]
+        preq.workspace = workspace
+    return preq
+
+
+async def _parse(request: web.BaseRequest, path: str, max_body: int) -> ProxyRequest:
     if request.method != "POST":
         raise MethodNotAllowed(request.method, "POST")
     if path.startswith(_GEMINI_PREFIX):

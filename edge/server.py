@@ -16,13 +16,16 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from edge.config import ServerSettings
+from edge.accesslog import AccessLog
+from edge.auth import Admission, Gate, passthrough_check
+from edge.config import LogSettings, ServerSettings
 from edge.errors import EdgeError, MethodNotAllowed, NotFound
 from edge.fleet import Fleet, FleetView
 from edge.forward import Forwarder, request_id, upstream_headers
-from edge.metrics import CONTENT_TYPE, Metrics, Observation
+from edge.health import describe
+from edge.metrics import CONTENT_TYPE, Metrics, Observation, Usage
 from edge.relay import relay
-from edge.route import ANTHROPIC, GEMINI, dialect_of, is_proxied, parse
+from edge.route import ANTHROPIC, GEMINI, dialect_of, is_proxied, parse, split_workspace
 
 log = logging.getLogger("edge.server")
 
@@ -110,10 +113,13 @@ class _Local:
         return web.Response(body=b'{"status":"ok"}', content_type=JSON)
 
     async def ready(self, request: web.BaseRequest) -> web.Response:
-        servers = self.view.fleet.host_count()
+        fleet = self.view.fleet
+        servers = fleet.host_count()
         ready = servers > 0 and not self.life.draining
         state = "draining" if self.life.draining else ("ready" if ready else "no servers")
-        body = orjson.dumps({"status": state, "servers": servers})
+        now = time.monotonic()
+        health = {h.url: describe(h, now) for hosts in fleet.models.values() for h in hosts}
+        body = orjson.dumps({"status": state, "servers": servers, "health": health})
         return web.Response(status=200 if ready else 503, body=body, content_type=JSON)
 
     async def metrics_text(self, request: web.BaseRequest) -> web.Response:
@@ -133,9 +139,14 @@ class EdgeHandler:
         metrics: Metrics,
         settings: ServerSettings,
         life: Lifecycle,
+        gate: Gate | None = None,
+        access: AccessLog | None = None,
     ) -> None:
         self.view = view
+        self.access = access or AccessLog(LogSettings())  # default: off
+        self.gate = gate  # None in passthrough mode: the proxy path then does no auth work
         self.forwarder = forwarder
+        self.balancer = forwarder.balancer
         self.metrics = metrics
         self.settings = settings
         local = _Local(view, metrics, life)
@@ -145,11 +156,14 @@ class EdgeHandler:
             "/health": local.health,
             "/ready": local.ready,
             "/metrics": local.metrics_text,
+            "/libertai/auth/check": gate.check if gate is not None else passthrough_check,
         }
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
         local = self._local.get(path)
+        if local is None and path.startswith("/api/") and split_workspace(path)[1] == "/v1/models":
+            local = self._local["/v1/models"]
         try:
             if local is not None:
                 if request.method not in ("GET", "HEAD"):
@@ -165,37 +179,82 @@ class EdgeHandler:
         started = time.monotonic()
         rid = request_id(request)
         model, route = "", "unknown"
+        asked, bytes_in, exchange_at = "", 0, 0.0  # for the final observation
+        gate, status = self.gate, 499
+        adm: Admission | None = None
+        usage: Usage | None = None
         try:
+            # The key is checked before the body is read: no 32 MB upload from a stranger.
+            principal = gate.identify(request) if gate is not None else None
             preq = await parse(request, self.settings.max_body_bytes)
             route = preq.route
+            asked, bytes_in = preq.model, len(preq.body)
             hosts = self.view.fleet.hosts(preq.model)
             if not hosts:
                 raise _unknown_model(preq.model)
             model = preq.model
-            headers = upstream_headers(request, rid)
-            async with self.forwarder.exchange(preq, hosts, headers) as up:
+            # Routing (balance.py): policy, X-Edge-Server pin (400 if unknown), affinity target.
+            decision = self.balancer.decide(model, hosts, preq.doc, request.headers)
+            if gate is not None:
+                adm = await gate.admit(principal, preq, hosts)
+            headers = upstream_headers(request, rid, adm.upstream if adm is not None else None)
+            exchange_at = time.monotonic()
+            async with self.forwarder.exchange(preq, hosts, headers, decision) as up:
                 extra = {"X-Request-ID": rid}
                 if self.settings.expose_server:
                     extra["X-Edge-Server"] = up.host.url
+                cookie = self.balancer.served(decision, up.host, request.secure)
+                if cookie is not None:
+                    extra["Set-Cookie"] = cookie  # the affinity cookie, re-signed each time
+                if adm is not None:
+                    extra.update(adm.headers)
                 response, done = await relay(request, up, preq.dialect, extra)
-                self.metrics.observe(
+                status, usage = done.status, done.usage
+                first_at = up.started + up.ttfb_s  # the upstream's first body byte arrived
+                self._finish(
                     Observation(
                         model, up.host, route, done.status, done.outcome,
                         time.monotonic() - started, up.ttfb_s, done.bytes_out, done.usage,
-                    )
+                        attempt=up.attempt, bytes_in=bytes_in, stream=preq.stream,
+                        first_byte_s=done.first_sent_at - started,
+                        stream_s=done.ended_at - first_at,
+                        upstream_s=first_at - exchange_at + done.ended_at - done.first_sent_at,
+                        affinity=decision.affinity,
+                    ),
+                    rid, request, asked,
                 )  # fmt: skip
                 return response
         except EdgeError as err:
-            elapsed = time.monotonic() - started
-            self.metrics.observe(Observation(model, None, route, err.status, "edge_error", elapsed))
+            status = err.status
+            now = time.monotonic()
+            self._finish(
+                Observation(
+                    model, None, route, err.status, "edge_error", now - started,
+                    attempt=getattr(err, "attempts", 0), bytes_in=bytes_in,
+                    upstream_s=now - exchange_at if exchange_at else 0.0,
+                ),
+                rid, request, asked,
+            )  # fmt: skip
             return error_response(err, dialect_of(request.path), rid)
         except (asyncio.CancelledError, ConnectionResetError):
-            self.metrics.observe(
+            now = time.monotonic()
+            self._finish(
                 Observation(
-                    model, None, route, 499, "client_disconnect", time.monotonic() - started
-                )
-            )
+                    model, None, route, 499, "client_disconnect", now - started,
+                    bytes_in=bytes_in, upstream_s=now - exchange_at if exchange_at else 0.0,
+                ),
+                rid, request, asked,
+            )  # fmt: skip
             raise
+        finally:
+            if adm is not None and gate is not None:
+                gate.release(adm, model, status, usage)
+
+    def _finish(self, obs: Observation, rid: str, request: web.BaseRequest, asked: str) -> None:
+        """A request's final observation: metrics, host statistics and the access log."""
+        self.metrics.observe(obs)
+        if self.access.enabled:
+            self.access.write(obs, rid, request.remote, asked)
 
     def __repr__(self) -> str:
         return f"<EdgeHandler {self.view!r} {self.forwarder!r}>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,11 +13,34 @@ import time
 import urllib.request
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports (the demo puts its mocks on a block)."""
+    for _ in range(100):
+        first = free_port()
+        if first + count > 65535:
+            continue
+        socks = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no block of free ports")
 
 
 def wait_http(url: str, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -27,7 +51,10 @@ def wait_http(url: str, timeout: float = 15.0, proc: subprocess.Popen[bytes] | N
                 return
         except OSError:
             if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"exited with {proc.returncode} before {url} was up") from None
+                said = proc.stdout.read().decode(errors="replace")[-2000:] if proc.stdout else ""
+                raise RuntimeError(
+                    f"exited with {proc.returncode} before {url} was up:\n{said}"
+                ) from None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{url} did not come up within {timeout} s") from None
             time.sleep(0.05)
@@ -45,7 +72,8 @@ class Procs:
         self.started: list[subprocess.Popen[bytes]] = []
 
     def start(self, *args: str, ready: str | None = None) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Subprocesses run the same source tree as the tests, not whatever is installed.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
         proc = subprocess.Popen(
             [sys.executable, "-m", "edge", *args],
             stdout=subprocess.PIPE,
@@ -73,8 +101,9 @@ class Procs:
 
     def stop_all(self) -> None:
         for proc in self.started:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
+            # Each process leads its own group: kill the group, children included.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         for proc in self.started:
             proc.wait(timeout=10)
             if proc.stdout is not None:

@@ -18,7 +18,7 @@ import pytest
 
 from edge.cli import demo_text
 from edge.config import ConfigError, from_mapping, load
-from tests.procs import Procs, free_port, wait_http, write_fleet
+from tests.procs import Procs, free_port, free_ports, wait_http, write_fleet
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -115,9 +115,8 @@ async def test_sighup_reloads_the_fleet_file(procs: Procs, tmp_path: Path):
 
 
 def test_demo_runs_as_printed_and_stops_on_ctrl_c(procs: Procs):
-    port, mock_port = free_port(), free_port()
-    while mock_port + 2 >= 65535 or port in range(mock_port, mock_port + 3):
-        mock_port = free_port()
+    mock_port = free_ports(3)
+    port = free_port()
     demo = procs.start("demo", "--port", str(port), "--mock-port", str(mock_port))
     wait_http(f"http://127.0.0.1:{port}/ready", timeout=30, proc=demo)
     os.killpg(demo.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
@@ -131,7 +130,8 @@ def test_demo_runs_as_printed_and_stops_on_ctrl_c(procs: Procs):
 
 
 def test_demo_snippets_work_against_a_running_demo(procs: Procs):
-    port, mock_port = free_port(), free_port()
+    mock_port = free_ports(3)
+    port = free_port()
     demo = procs.start("demo", "--port", str(port), "--mock-port", str(mock_port))
     wait_http(f"http://127.0.0.1:{port}/ready", timeout=30, proc=demo)
     python = subprocess.run(

@@ -250,17 +250,22 @@ async def test_ready_is_503_without_servers_and_when_draining(start_edge, fleet)
         fleet.life.draining = False
 
 
-async def test_least_inflight_spreads_concurrent_streams(fleet):
+async def test_least_inflight_spreads_concurrent_streams(start_mock, start_edge):
+    a = await start_mock(models=("m1",), name="A")
+    b = await start_mock(models=("m1",), name="B")
+    edge = await start_edge(
+        {"m1": [a, b]}, routing__policy="least_inflight", routing__affinity=False
+    )
     async with aiohttp.ClientSession() as client:
 
         async def one():
             body = {**CHAT, "stream": True}
             async with client.post(
-                f"{fleet.url}/v1/chat/completions", json=body, headers={"X-Mock-Chunk-Ms": "30"}
+                f"{edge.url}/v1/chat/completions", json=body, headers={"X-Mock-Chunk-Ms": "30"}
             ) as resp:
                 await resp.read()
                 return resp.headers["X-Mock-Server"]
 
         served = await asyncio.gather(*(one() for _ in range(10)))
     assert sorted(set(served)) == ["A", "B"] and 3 <= served.count("A") <= 7
-    assert all(h.inflight == 0 for h in fleet.view.fleet.models["m1"])
+    assert all(h.inflight == 0 for h in edge.view.fleet.models["m1"])
