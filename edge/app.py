@@ -35,7 +35,7 @@ from edge.config import Config
 from edge.discovery import Discovery
 from edge.engines import Scraper
 from edge.fleet import FleetView, HostTable
-from edge.forward import Forwarder, make_session
+from edge.forward import Forwarder, make_pool, make_session
 from edge.health import Health, Prober
 from edge.metrics import Metrics, remove_shared
 from edge.server import EdgeHandler, Lifecycle
@@ -54,6 +54,7 @@ class Worker:
         self.view = FleetView()
         self.table = HostTable()
         self.session = make_session(config.upstream)
+        self.pool = make_pool(config.upstream)  # proxied traffic only
         self.metrics = Metrics(
             lambda: self.view.fleet, config.metrics, is_up=lambda host: host.routable
         )
@@ -66,12 +67,14 @@ class Worker:
         self.prober = Prober(config.health, self.health, self.view, self.session)
         self.balancer = Balancer(config.routing)
         self.forwarder = Forwarder(
-            self.session, self.balancer, self.metrics, config.upstream, self.health
+            self.pool, self.balancer, self.metrics, config.upstream, self.health
         )
         # Routing's helpers: engines' own /metrics (if configured), in-flight shared by workers.
         self.scraper = Scraper(config.routing, self.view, self.session)
         self.shared: SharedLoad | None = None
         self.gate = build_gate(config.auth, self.metrics.registry)  # None: passthrough
+        if self.gate is not None and self.gate.upstream:
+            self.forwarder.credentials = self.gate.upstream.for_host
         self.handler = EdgeHandler(
             self.view, self.forwarder, self.metrics, config.server, self.life, self.gate,
             access=self.access,
@@ -109,6 +112,8 @@ class Worker:
             return
         fresh = replace(fresh, discovery=replace(fresh.discovery, sources=self._sources(fresh)))
         self.discovery.reconfigure(fresh.discovery, fresh.static)
+        self.balancer.reconfigure(fresh.routing)
+        self.scraper.settings = fresh.routing
         self.forwarder.settings = fresh.upstream
         self.health.reconfigure(fresh.health, fresh.outlier)
         self.prober.reconfigure(fresh.health)
@@ -135,6 +140,7 @@ class Worker:
             self.shared.close()
         self.metrics.share()  # this worker's last counts, for the sum the others report
         self.access.close()
+        await self.pool.close()
         await self.session.close()
 
     async def _finish_requests(self, limit_s: float) -> None:

@@ -53,7 +53,7 @@ class Principal:
 
     key_id: str
     name: str
-    workspace: str  # "" = any workspace path, usage counted under ""
+    workspace: str  # "" = not scoped: /v1/... only; /api/{id}/v1/... needs the key's workspace
     models: frozenset[str]  # empty = every model
     limits: Limits
 
@@ -123,21 +123,19 @@ class UpstreamKeys:
         self._warned: set[str] = set()
 
     def headers(self, preq: ProxyRequest, hosts: Sequence[Host]) -> list[tuple[str, str]]:
-        if not self._keys:
-            return []
-        keys = {self._keys.get(h.url) for h in hosts}
-        if len(keys) > 1:
-            # One header list serves every attempt of a request; servers of one model with
-            # different keys would need it per attempt. Send none rather than a wrong one.
-            if preq.model not in self._warned:
-                self._warned.add(preq.model)
-                log.error("servers of model %r have different upstream keys", preq.model)
-            return []
-        key = keys.pop()
+        """Headers common to every attempt: none; each attempt adds its server's key
+        (`for_host`, called by the forwarder), so servers of one model may hold different keys."""
+        return []
+
+    def for_host(self, preq: ProxyRequest, host: Host) -> list[tuple[str, str]]:
+        key = self._keys.get(host.url)
         if key is None:
             return []
         name = _HEADER_FOR.get(preq.dialect)
         return [(name, key)] if name else [("Authorization", f"Bearer {key}")]
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
 
     def __repr__(self) -> str:
         return f"<UpstreamKeys servers={len(self._keys)}>"

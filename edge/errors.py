@@ -84,6 +84,7 @@ class Unavailable(EdgeError):
 
     status = 503
     kind = "service_unavailable"
+    attempts = 0  # attempts made on servers before giving up (for the access log and metrics)
 
 
 class UpstreamFailure(Exception):

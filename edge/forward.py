@@ -1,5 +1,5 @@
-"""The upstream call: one ClientSession per worker, hop-by-hop headers, and attempts on other
-hosts until one answers with a first body byte.
+"""The upstream call: one connection pool per worker (edge/upstream.py), hop-by-hop headers,
+and attempts on other hosts until one answers with a first body byte.
 
 Theory of operation: an attempt is "open" once the upstream sent a non-retryable status and the
 first body byte (an SSE stream's first event). Only then is anything sent to the client, so every
@@ -14,14 +14,13 @@ import asyncio
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from edge.balance import Balancer, Decision
 from edge.config import HealthSettings, ModelTimeouts, OutlierSettings, UpstreamSettings
@@ -30,6 +29,7 @@ from edge.fleet import UP, Host
 from edge.health import Health, RetryBudget, candidates, fallback, why
 from edge.metrics import Metrics, Observation
 from edge.route import ProxyRequest
+from edge.upstream import TimedOut, UpstreamError, UpstreamPool, UpstreamResponse
 
 # RFC 9110 7.6.1 connection-specific fields, plus those that describe one hop's framing.
 HOP_BY_HOP = frozenset(
@@ -50,8 +50,28 @@ _CLIENT_KEYS = frozenset({"authorization", "x-api-key", "x-goog-api-key"})
 OK_OUTCOME = "ok"
 
 
+def make_pool(settings: UpstreamSettings) -> UpstreamPool:
+    """The worker's proxied-traffic pool: keep-alive per server, DNS through aiodns, cached."""
+    context = _ssl_context(settings)
+    return UpstreamPool(
+        connect_timeout_s=settings.connect_timeout_s,
+        keepalive_s=settings.keepalive_s,
+        limit_per_origin=settings.max_connections_per_server,
+        ssl_context=context if isinstance(context, ssl.SSLContext) else _unverified(),
+        resolver=aiohttp.AsyncResolver(),
+    )
+
+
+def _unverified() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def make_session(settings: UpstreamSettings) -> aiohttp.ClientSession:
-    """The worker's one upstream session: pooled keep-alive per host, DNS cached via aiodns."""
+    """The worker's session for the edge's own calls (probes, registries, engine metrics):
+    pooled keep-alive per host, DNS cached via aiodns. Proxied requests use `make_pool`."""
     connector = aiohttp.TCPConnector(
         limit=0,
         limit_per_host=settings.max_connections_per_server,
@@ -112,7 +132,7 @@ def upstream_headers(
     return out
 
 
-def client_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+def client_headers(upstream: UpstreamResponse) -> CIMultiDict[str]:
     headers = upstream.headers
     drop = connection_tokens(headers)
     return CIMultiDict(
@@ -134,7 +154,7 @@ class Upstream:
     __slots__ = ("host", "response", "first", "started", "ttfb_s", "attempt")
 
     def __init__(
-        self, host: Host, response: aiohttp.ClientResponse, first: bytes, started: float
+        self, host: Host, response: UpstreamResponse, first: bytes, started: float
     ) -> None:
         self.host = host
         self.response = response
@@ -149,6 +169,8 @@ class Upstream:
 
 def _outcome(exc: BaseException) -> tuple[str, str, bool]:
     """(outcome label, client-safe reason, counts against the host) for an upstream error."""
+    if isinstance(exc, UpstreamError):
+        return exc.outcome, exc.reason, True
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "connect_error", "connection closed before a response", True
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
@@ -171,13 +193,15 @@ class Forwarder:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
         balancer: Balancer,
         metrics: Metrics,
         settings: UpstreamSettings,
         health: Health | None = None,
     ) -> None:
-        self.session = session
+        self.pool = pool
+        # keys/none auth modes: the key each server gets, added per attempt (edge/auth.py).
+        self.credentials: Callable[[ProxyRequest, Host], list[tuple[str, str]]] | None = None
         self.balancer = balancer
         self.metrics = metrics
         self.settings = settings
@@ -185,9 +209,8 @@ class Forwarder:
         self.health = health or Health(HealthSettings(), OutlierSettings())
         s = settings
         self.budget = RetryBudget(s.retry_ratio, s.retry_window_s, s.retry_min_per_s)
-        self.stale_retries = 0  # sends on a pooled connection the host had closed, redone
         self._tuned: UpstreamSettings | None = None
-        self._timeouts: dict[str, tuple[aiohttp.ClientTimeout, float]] = {}
+        self._timeouts: dict[str, _Timeouts] = {}
 
     @asynccontextmanager
     async def exchange(
@@ -233,7 +256,9 @@ class Forwarder:
                 finally:
                     up.response.close()
                 return
-        raise _all_failed(preq.model, reasons, [h for h in hosts if h not in tried], note)
+        failed = _all_failed(preq.model, reasons, [h for h in hosts if h not in tried], note)
+        failed.attempts = len(tried)
+        raise failed
 
     async def _race(
         self, host: Host, preq: ProxyRequest, headers: list[tuple[str, str]],
@@ -281,7 +306,7 @@ class Forwarder:
         except UpstreamFailure as failure:
             self._failed(host, preq, failure.reason, "http_5xx", started, failure.counts)
             raise
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except (UpstreamError, TimeoutError, OSError) as exc:
             outcome, reason, counts = _outcome(exc)
             self._failed(host, preq, reason, outcome, started, counts)
             raise UpstreamFailure(reason, counts=counts) from None
@@ -294,43 +319,36 @@ class Forwarder:
     async def _attempt(
         self, host: Host, preq: ProxyRequest, headers: list[tuple[str, str]], started: float
     ) -> Upstream:
-        url = URL(host.url + preq.target, encoded=True)
-        timeout, idle_s = self._timeouts.get(preq.model) or self._timeouts[""]
-        response = await self._send(url, preq.body, headers, timeout)
+        t = self._timeouts.get(preq.model) or self._timeouts[""]
+        if self.credentials is not None:
+            headers = headers + self.credentials(preq, host)
+        response = await self.pool.post(
+            host.url, preq.target, headers, preq.body, t.first_byte_s, t.connect_s
+        )
         try:
+            if t.total_s:
+                response.set_deadline(max(0.0, t.total_s - (time.monotonic() - started)))
             status = response.status
             if status >= 500 or status == 429:
                 # 502/503/504 say the host is broken; 429 (busy) and 500 (maybe this request)
                 # move the request on without counting against the host.
                 raise UpstreamFailure(f"HTTP {status}", counts=status in (502, 503, 504))
-            first = await response.content.readany()
-            connection = response.connection
-            if connection is not None and connection.protocol is not None:
-                # Past the first byte, a stall is judged by the idle timeout instead; the timer
-                # the first byte armed still runs the first-byte timeout until re-armed.
-                connection.protocol.read_timeout = idle_s
-                connection.protocol.start_timeout()
+            response.read_timeout = t.first_byte_s
+            try:
+                first = await response.readany()
+            except TimedOut:
+                raise TimedOut("timed out before the first byte") from None
+            # Past the first byte, a stall is judged by the idle timeout instead.
+            response.read_timeout = t.idle_s
             return Upstream(host, response, first, started)
         except BaseException:
             response.close()
             raise
 
-    async def _send(
-        self, url: URL, body: bytes, headers: list[tuple[str, str]], limits: aiohttp.ClientTimeout
-    ) -> aiohttp.ClientResponse:
-        post = self.session.post
-        try:
-            return await post(
-                url, data=body, headers=headers, allow_redirects=False, timeout=limits
-            )
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            if isinstance(exc, aiohttp.ClientConnectorError):
-                raise  # no connection at all: the host's fault
-        # Closed before any answer: a pooled keep-alive connection the host had already closed
-        # (llama.cpp's server closes its end after each stream), and aiohttp redoes that only for
-        # idempotent methods. Redone at once, not counted; a second failure is the host's.
-        self.stale_retries += 1
-        return await post(url, data=body, headers=headers, allow_redirects=False, timeout=limits)
+    @property
+    def stale_retries(self) -> int:
+        """Sends on a pooled connection the host had closed, redone on a fresh one."""
+        return self.pool.stale_retries
 
     def _tune(self) -> None:
         """Per-model timeouts and the budget follow `settings`, which SIGHUP replaces whole."""
@@ -338,8 +356,8 @@ class Forwarder:
         if s is self._tuned:
             return
         self.budget.configure(s.retry_ratio, s.retry_window_s, s.retry_min_per_s)
-        self._timeouts = {"": _timeouts(s, ModelTimeouts())}
-        self._timeouts.update((m, _timeouts(s, t)) for m, t in s.models.items())
+        self._timeouts = {"": _Timeouts(s, ModelTimeouts())}
+        self._timeouts.update((m, _Timeouts(s, t)) for m, t in s.models.items())
         self._tuned = s
 
     def _failed(
@@ -436,15 +454,20 @@ def _retrieve(task: asyncio.Task[Upstream]) -> None:
         task.exception()
 
 
-def _timeouts(s: UpstreamSettings, m: ModelTimeouts) -> tuple[aiohttp.ClientTimeout, float]:
-    """(the attempt's ClientTimeout, the idle timeout once bytes flow); 0 in `m` inherits."""
-    total = m.total_timeout_s or s.total_timeout_s
-    timeout = aiohttp.ClientTimeout(
-        total=total or None,
-        connect=m.connect_timeout_s or s.connect_timeout_s,
-        sock_read=m.first_byte_timeout_s or s.first_byte_timeout_s,
-    )
-    return timeout, m.idle_timeout_s or s.idle_timeout_s
+class _Timeouts:
+    __slots__ = ("connect_s", "first_byte_s", "idle_s", "total_s")
+
+    def __init__(self, s: UpstreamSettings, m: ModelTimeouts) -> None:
+        """0 in the model's settings inherits [upstream]'s."""
+        self.connect_s = m.connect_timeout_s or s.connect_timeout_s
+        self.first_byte_s = m.first_byte_timeout_s or s.first_byte_timeout_s
+        self.idle_s = m.idle_timeout_s or s.idle_timeout_s
+        self.total_s = m.total_timeout_s or s.total_timeout_s
+        if self.total_s:
+            self.first_byte_s = min(self.first_byte_s, self.total_s)
+
+    def __repr__(self) -> str:
+        return f"<Timeouts first_byte={self.first_byte_s} idle={self.idle_s}>"
 
 
 def _all_failed(model: str, reasons: list[str], untried: list[Host], note: str) -> Unavailable:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import re
 import time
 
-import aiohttp
 import orjson
 from aiohttp import web
 
 from edge.forward import Upstream, client_headers
 from edge.metrics import Usage
 from edge.route import ANTHROPIC, GEMINI
+from edge.upstream import UpstreamError, UpstreamResponse
 
 _USAGE = re.compile(rb'"(?:usage|usageMetadata)"\s*:\s*(\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\})')
 _PROMPT_KEYS = ("prompt_tokens", "input_tokens", "promptTokenCount")
@@ -54,7 +54,12 @@ async def relay(
 ) -> tuple[web.StreamResponse, Relayed]:
     upstream = up.response
     headers = client_headers(upstream)
-    headers.update(extra)
+    for name, value in extra.items():
+        # The affinity cookie joins the upstream's own cookies; the edge's other headers win.
+        if name == "Set-Cookie":
+            headers.add(name, value)
+        else:
+            headers[name] = value
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
@@ -65,11 +70,10 @@ async def relay(
     if first:
         await response.write(first)
     first_sent_at = time.monotonic()
-    content = upstream.content
     while True:
         try:
-            chunk = await content.readany()
-        except (TimeoutError, aiohttp.ClientError):
+            chunk = await upstream.readany()
+        except UpstreamError:
             ended_at = time.monotonic()
             await _broken(request, response, upstream, dialect, last)
             return response, Relayed(
@@ -90,7 +94,7 @@ async def relay(
 async def _broken(
     request: web.BaseRequest,
     response: web.StreamResponse,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     dialect: str,
     last: bytes,
 ) -> None:

@@ -294,16 +294,39 @@ def test_upstream_keys_per_server(monkeypatch: pytest.MonkeyPatch, caplog) -> No
         {"a": ["http://a"], "b": ["http://b"], "ab": ["http://a", "http://b"]}
     )
 
-    def sent(model: str, dialect: str) -> list[tuple[str, str]]:
+    def sent(model: str, dialect: str, url: str) -> list[tuple[str, str]]:
         preq = ProxyRequest(dialect, "chat", model, False, b"{}", "/v1/x", {})
-        return keys.headers(preq, fleet.models[model])
+        assert keys.headers(preq, fleet.models[model]) == []  # nothing common to all attempts
+        host = next(h for h in fleet.models[model] if h.url == url)
+        return keys.for_host(preq, host)
 
-    assert sent("a", "openai") == [("Authorization", "Bearer k-a")]  # URL normalised
-    assert sent("b", "anthropic") == [("x-api-key", "from-env")]
-    assert sent("b", "gemini") == [("x-goog-api-key", "from-env")]
-    # Servers of one model with different keys: none is sent rather than a wrong one.
-    assert sent("ab", "openai") == []
-    assert "different upstream keys" in caplog.text and "k-a" not in caplog.text
+    assert sent("a", "openai", "http://a") == [("Authorization", "Bearer k-a")]  # normalised
+    assert sent("b", "anthropic", "http://b") == [("x-api-key", "from-env")]
+    assert sent("b", "gemini", "http://b") == [("x-goog-api-key", "from-env")]
+    # Servers of one model with different keys: each attempt carries its own server's key.
+    assert sent("ab", "openai", "http://a") == [("Authorization", "Bearer k-a")]
+    assert sent("ab", "openai", "http://b") == [("Authorization", "Bearer from-env")]
+    assert "k-a" not in caplog.text and "from-env" not in caplog.text
     monkeypatch.delenv("EDGE_TEST_UPSTREAM_KEY")
     with pytest.raises(ValueError, match="EDGE_TEST_UPSTREAM_KEY"):
         UpstreamKeys({"http://b": "env:EDGE_TEST_UPSTREAM_KEY"})
+
+
+async def test_each_server_receives_its_own_key_through_the_edge(start_mock, start_edge):
+    a = await start_mock(models=("m",), name="A")
+    b = await start_mock(models=("m",), name="B")
+    edge = await start_edge(
+        {"m": [a, b]}, auth__mode="none", auth__upstream_keys={a: "key-a", b: "key-b"}
+    )
+    seen = {}
+    async with aiohttp.ClientSession() as session:
+        for url in (a, b):
+            async with session.post(
+                f"{edge.url}/v1/echo",
+                json={"model": "m"},
+                headers={"Authorization": "Bearer client-key", "X-Edge-Server": url},
+            ) as resp:
+                doc = await resp.json()
+            headers = {k.lower(): v for k, v in doc["headers"].items()}
+            seen[doc["server"]] = headers.get("authorization")
+    assert seen == {"A": "Bearer key-a", "B": "Bearer key-b"}

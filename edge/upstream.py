@@ -1,0 +1,523 @@
+"""A lean HTTP/1.1 client for the one request shape the edge sends: POST with a known body.
+
+Why not aiohttp's ClientSession here: measured side by side, its per-request machinery (request
+and response objects, tracing hooks, timers, payload wrappers, a StreamReader per response) costs
+about three times what aiohttp's own server costs per request, and it sits on every proxied call.
+This client keeps only what a proxy needs: keep-alive connections pooled per origin, one write per
+request, a C parser (httptools, llhttp) feeding body bytes straight to the reader, and timers
+armed only while someone actually waits.
+
+Theory of operation: a `_Conn` is an asyncio Protocol owning one socket and one parser. `post()`
+takes an idle connection (or opens one), writes the request, and waits for the response head. The
+`UpstreamResponse` it returns buffers body pieces as the parser emits them; `readany()` hands
+over everything buffered at once. Past `_HIGH_WATER` buffered bytes the socket stops being read
+until the relay catches up, so a slow client slows the upstream instead of growing memory.
+A connection goes back to the pool only after its response was read to the end and both sides
+allow keep-alive; any other ending closes it.
+
+A pooled connection the server already closed (llama.cpp's server closes after each stream) fails
+before a single response byte arrives: that is retried at once on a fresh connection and never
+reported as a failure of the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import socket
+import ssl
+import time
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+from aiohttp.abc import AbstractResolver
+from multidict import CIMultiDict
+
+_HIGH_WATER = 256 * 1024  # buffered body bytes before the socket stops being read
+_DNS_TTL_S = 60.0
+
+
+class UpstreamError(Exception):
+    """An attempt failed before or while reading the response. `reason` is client-safe text."""
+
+    outcome = "connect_error"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ConnectFailed(UpstreamError):
+    pass
+
+
+class Disconnected(UpstreamError):
+    """The connection closed before the response was complete."""
+
+
+class TimedOut(UpstreamError):
+    outcome = "timeout"
+
+
+class Malformed(UpstreamError):
+    outcome = "malformed"
+
+
+class _Origin:
+    __slots__ = ("key", "host", "port", "ssl", "server_hostname", "host_header", "ip")
+
+    def __init__(self, base_url: str, ssl_context: ssl.SSLContext | None) -> None:
+        parts = urlsplit(base_url)
+        secure = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if secure else 80)
+        self.key = (parts.scheme, self.host, self.port)
+        self.ssl = ssl_context if secure else None
+        self.server_hostname = self.host if secure else None
+        self.host_header = parts.netloc.rpartition("@")[2].encode("idna")
+        self.ip = _is_ip(self.host)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class UpstreamResponse:
+    """The head of an upstream response and a reader for its body."""
+
+    __slots__ = (
+        "status", "reason", "headers", "read_timeout", "_conn", "_buf", "_size", "_eof", "_exc",
+        "_waiter", "_paused", "_deadline",
+    )  # fmt: skip
+
+    def __init__(self, conn: _Conn, status: int, reason: str, headers: CIMultiDict[str]) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.read_timeout = 60.0
+        self._conn = conn
+        self._buf: list[bytes] = []
+        self._size = 0
+        self._eof = False
+        self._exc: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._deadline: asyncio.TimerHandle | None = None
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("Content-Length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    @property
+    def complete(self) -> bool:
+        return self._eof and not self._buf
+
+    async def readany(self) -> bytes:
+        """Everything buffered so far; b"" at the end. Raises UpstreamError on a broken body."""
+        if not self._buf and not self._eof and self._exc is None:
+            await self._wait()
+        if self._buf:
+            return self._take()
+        if self._exc is not None:
+            raise self._exc
+        return b""
+
+    async def read(self) -> bytes:
+        chunks = []
+        while chunk := await self.readany():
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def set_deadline(self, seconds: float) -> None:
+        """Fail the body (and close the connection) `seconds` from now unless it ended."""
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(seconds, self._expired, "the total timeout passed")
+
+    def _expired(self, reason: str) -> None:
+        if not self._eof:
+            self._fail(TimedOut(reason))
+            self._conn.abort()
+
+    def close(self) -> None:
+        """Give the connection back when the body was read to the end; otherwise close it."""
+        if self._deadline is not None:
+            self._deadline.cancel()
+        conn, self._conn = self._conn, None  # type: ignore[assignment]
+        if conn is not None:
+            conn.finish(reusable=self._eof and self._exc is None)
+
+    async def _wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(self.read_timeout, self._timed_out)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _take(self) -> bytes:
+        buf = self._buf
+        data = buf[0] if len(buf) == 1 else b"".join(buf)
+        buf.clear()
+        self._size = 0
+        if self._paused:
+            self._paused = False
+            self._conn.resume_reading()
+        return data
+
+    def _timed_out(self) -> None:
+        self._expired("no data from the server within the read timeout")
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def feed(self, data: bytes) -> None:
+        self._buf.append(data)
+        self._size += len(data)
+        if self._size > _HIGH_WATER and not self._paused:
+            self._paused = True
+            self._conn.pause_reading()
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def _fail(self, exc: UpstreamError) -> None:
+        if not self._eof and self._exc is None:
+            self._exc = exc
+        self._wake()
+
+    def __repr__(self) -> str:
+        return f"<UpstreamResponse {self.status} buffered={self._size} eof={self._eof}>"
+
+
+class _Conn(asyncio.Protocol):
+    """One upstream socket, its parser, and the response being read on it."""
+
+    def __init__(self, pool: UpstreamPool, origin: _Origin) -> None:
+        self.pool = pool
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.response: UpstreamResponse | None = None
+        self.waiter: asyncio.Future[UpstreamResponse] | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.reason = ""
+        self.received = False  # any byte of the current response
+        self.keep_alive = False
+        self.closed = False
+        self.uses = 0
+        self.idle_since = 0.0
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but speak the same API.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._broken(Malformed("malformed response from the server"))
+            self.abort()
+
+    def eof_received(self) -> bool:
+        return False  # close our end too; a half-open upstream is of no use
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.waiter is not None and not self.waiter.done():
+            reason = "connection closed before a response"
+            self.waiter.set_exception(Disconnected(reason))
+        response = self.response
+        if response is not None and not response._eof:
+            if exc is None and self._close_delimited():
+                response.feed_eof()
+            else:
+                response._fail(Disconnected("connection closed in the middle of the response"))
+        self.pool.forget(self)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.headers = []
+
+    def on_status(self, status: bytes) -> None:
+        self.reason = status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            return  # 1xx interim answers are not the response
+        self.keep_alive = self.parser.should_keep_alive()
+        self.response = UpstreamResponse(self, status, self.reason, CIMultiDict(self.headers))
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(self.response)
+
+    def on_body(self, body: bytes) -> None:
+        if self.response is not None:
+            self.response.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self.response is not None:
+            self.response.feed_eof()
+
+    # used by the pool and the response
+    def _close_delimited(self) -> bool:
+        response = self.response
+        return (
+            response is not None
+            and "Content-Length" not in response.headers
+            and "Transfer-Encoding" not in response.headers
+        )
+
+    def _broken(self, exc: UpstreamError) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+        if self.response is not None:
+            self.response._fail(exc)
+
+    def send(self, data: bytes) -> asyncio.Future[UpstreamResponse]:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.response = None
+        self.received = False
+        self.uses += 1
+        self.transport.write(data)
+        return self.waiter
+
+    def finish(self, reusable: bool) -> None:
+        self.waiter = None
+        self.response = None
+        if reusable and self.keep_alive and not self.closed:
+            self.pool.release(self)
+        else:
+            self.abort()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    def __repr__(self) -> str:
+        return f"<_Conn {self.origin.key} uses={self.uses} closed={self.closed}>"
+
+
+class UpstreamPool:
+    """Keep-alive connections per origin, for one worker's event loop."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout_s: float,
+        keepalive_s: float,
+        limit_per_origin: int,
+        ssl_context: ssl.SSLContext | None,
+        resolver: AbstractResolver | None = None,
+    ) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self.keepalive_s = keepalive_s
+        self.limit = limit_per_origin
+        self.ssl_context = ssl_context
+        self.resolver = resolver
+        self._origins: dict[str, _Origin] = {}
+        self._idle: dict[tuple[str, str, int], list[_Conn]] = collections.defaultdict(list)
+        self._open: dict[tuple[str, str, int], int] = collections.defaultdict(int)
+        self._waiting: dict[tuple[str, str, int], collections.deque[asyncio.Future[None]]] = (
+            collections.defaultdict(collections.deque)
+        )
+        self._dns: dict[tuple[str, int], tuple[float, list[str]]] = {}
+        self._conns: set[_Conn] = set()
+        self.connects = 0
+        self.stale_retries = 0
+
+    async def post(
+        self,
+        base_url: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        head_timeout_s: float,
+        connect_timeout_s: float | None = None,
+    ) -> UpstreamResponse:
+        """Send one POST and wait (up to `head_timeout_s`) for the response head."""
+        origin = self._origins.get(base_url)
+        if origin is None:
+            origin = self._origins[base_url] = _Origin(base_url, self.ssl_context)
+        request = _request_bytes(origin, target, headers, body)
+        conn = self._take_idle(origin)
+        if conn is not None:
+            try:
+                return await self._exchange(conn, request, head_timeout_s)
+            except Disconnected:
+                if conn.received:
+                    raise
+                self.stale_retries += 1  # the server had closed it while idle: not its fault
+        conn = await self._connect(origin, connect_timeout_s or self.connect_timeout_s)
+        return await self._exchange(conn, request, head_timeout_s)
+
+    async def _exchange(self, conn: _Conn, request: bytes, timeout_s: float) -> UpstreamResponse:
+        waiter = conn.send(request)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(timeout_s, _expire, conn, waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            conn.abort()
+            raise
+        finally:
+            timer.cancel()
+
+    def _take_idle(self, origin: _Origin) -> _Conn | None:
+        idle = self._idle.get(origin.key)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and now - conn.idle_since < self.keepalive_s:
+                return conn
+            conn.abort()
+        return None
+
+    async def _connect(self, origin: _Origin, timeout_s: float) -> _Conn:
+        key = origin.key
+        while self._open[key] >= self.limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiting[key].append(waiter)
+            await waiter  # a connection of this origin closed or went idle
+            reused = self._take_idle(origin)
+            if reused is not None:
+                return reused
+        self._open[key] += 1
+        try:
+            conn = await self._open_connection(origin, timeout_s)
+        except BaseException:
+            self._open[key] -= 1
+            self._wake_one(key)
+            raise
+        self._conns.add(conn)
+        self.connects += 1
+        return conn
+
+    async def _open_connection(self, origin: _Origin, timeout_s: float) -> _Conn:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout_s):
+                addresses = await self._resolve(origin)
+                last: OSError | None = None
+                for address in addresses:
+                    try:
+                        _, conn = await loop.create_connection(
+                            lambda: _Conn(self, origin), address, origin.port, ssl=origin.ssl,
+                            server_hostname=origin.server_hostname,
+                        )  # fmt: skip
+                        return conn
+                    except ssl.SSLError:
+                        raise
+                    except OSError as exc:
+                        last = exc
+                raise ConnectFailed(f"connect failed ({_strerror(last)})")
+        except TimeoutError:
+            raise TimedOut("connect timed out") from None
+        except ssl.SSLCertVerificationError:
+            raise ConnectFailed("TLS certificate not trusted (upstream.ca_bundle?)") from None
+        except ssl.SSLError:
+            raise ConnectFailed("TLS handshake failed") from None
+
+    async def _resolve(self, origin: _Origin) -> list[str]:
+        if origin.ip or self.resolver is None:
+            return [origin.host]
+        key = (origin.host, origin.port)
+        cached = self._dns.get(key)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            found = await self.resolver.resolve(origin.host, origin.port, socket.AF_UNSPEC)
+        except OSError:
+            raise ConnectFailed("DNS lookup failed") from None
+        addresses = [r["host"] for r in found]
+        self._dns[key] = (now + _DNS_TTL_S, addresses)
+        return addresses
+
+    def release(self, conn: _Conn) -> None:
+        conn.idle_since = time.monotonic()
+        self._idle[conn.origin.key].append(conn)
+        self._wake_one(conn.origin.key)
+
+    def forget(self, conn: _Conn) -> None:
+        """A connection closed: free its slot under the per-origin limit."""
+        if conn in self._conns:
+            self._conns.discard(conn)
+            self._open[conn.origin.key] -= 1
+            self._wake_one(conn.origin.key)
+
+    def _wake_one(self, key: tuple[str, str, int]) -> None:
+        waiting = self._waiting.get(key)
+        while waiting:
+            waiter = waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def close(self) -> None:
+        for conn in list(self._conns):
+            conn.abort()
+        self._idle.clear()
+        await asyncio.sleep(0)  # let transports run connection_lost
+
+    def __repr__(self) -> str:
+        idle = sum(len(v) for v in self._idle.values())
+        return (
+            f"<UpstreamPool open={len(self._conns)} idle={idle} connects={self.connects} "
+            f"stale_retries={self.stale_retries}>"
+        )
+
+
+def _expire(conn: _Conn, waiter: asyncio.Future[UpstreamResponse]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimedOut("timed out before the first byte"))
+        conn.abort()
+
+
+def _strerror(exc: OSError | None) -> str:
+    return (exc.strerror if exc is not None else None) or "error"
+
+
+def _request_bytes(
+    origin: _Origin, target: str, headers: list[tuple[str, str]], body: bytes
+) -> bytes:
+    if " " in target:
+        raise Malformed("the request target contains a space")
+    lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
+    head = (
+        b"POST " + target.encode("utf-8", "surrogateescape") + b" HTTP/1.1\r\nHost: "
+        + origin.host_header + b"\r\n" + lines.encode("utf-8", "surrogateescape")
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+    )  # fmt: skip
+    # A target or value carrying a line break would smuggle a header or a second request.
+    lines_expected = len(headers) + 4
+    if head.count(b"\n") != lines_expected or head.count(b"\r") != lines_expected:
+        raise Malformed("a request header contains a line break")
+    return head + body
