@@ -109,7 +109,9 @@ class AuthSettings:
     # none: no check, and no client key reaches a host.
     mode: str = "passthrough"
     key_store: str = ""  # JSON key file, hot-reloaded; "" with redis_url keeps keys in Redis
-    redis_url: str = ""  # limits (and keys) shared by every worker and replica
+    redis_url: str = (
+        ""  # limits (and keys) shared by all workers and replicas; "" reads EDGE_REDIS_URL
+    )
     failure_policy: str = "fail_open"  # Redis unreachable: serve on local limits, or answer 503
     redis_timeout_s: float = 0.25  # per Redis call, connect included: the edge never waits longer
     reload_s: float = 2.0  # how often the key store is re-checked for changes
@@ -242,6 +244,11 @@ def from_mapping(raw: Mapping[str, Any], **overrides: Any) -> Config:
             continue
         name, _, setting = key.partition("__")
         sections[name] = _replace(sections[name], name, setting, value)
+    if not sections["auth"].redis_url and os.environ.get("EDGE_REDIS_URL"):
+        # The URL may carry a password: deployments keep it in a secret, not the config file.
+        sections["auth"] = dataclasses.replace(
+            sections["auth"], redis_url=os.environ["EDGE_REDIS_URL"]
+        )
     config = Config(static=_static_models(raw.get("models", {})), **sections)
     validate(config)
     return config

@@ -27,6 +27,9 @@ _PROMPT_KEYS = ("prompt_tokens", "input_tokens", "promptTokenCount")
 _COMPLETION_KEYS = ("completion_tokens", "output_tokens", "candidatesTokenCount")
 
 
+CLIENT_GONE = 499  # nginx's code for a request the client closed before the answer ended
+
+
 class Relayed:
     """What the relay saw, for the observation recorded after it."""
 
@@ -63,6 +66,20 @@ async def relay(
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
+    try:
+        return response, await _pump(request, response, up, dialect)
+    except ConnectionResetError:
+        # The client hung up mid-answer: not an error of the edge's, so no traceback. The caller
+        # closes the upstream at once (the server frees its slot); aiohttp's own final write on
+        # this closed connection is a ConnectionError it already handles quietly.
+        now = time.monotonic()
+        return response, Relayed(CLIENT_GONE, 0, None, "client_disconnect", now, now)
+
+
+async def _pump(
+    request: web.BaseRequest, response: web.StreamResponse, up: Upstream, dialect: str
+) -> Relayed:
+    upstream = up.response
     await response.prepare(request)
     first = up.first
     prev = last = first
@@ -76,9 +93,7 @@ async def relay(
         except UpstreamError:
             ended_at = time.monotonic()
             await _broken(request, response, upstream, dialect, last)
-            return response, Relayed(
-                upstream.status, sent, None, "stream_error", first_sent_at, ended_at
-            )
+            return Relayed(upstream.status, sent, None, "stream_error", first_sent_at, ended_at)
         if not chunk:
             break
         await response.write(chunk)
@@ -88,7 +103,7 @@ async def relay(
     await response.write_eof()
     tail = last if prev is last else prev + last
     usage = read_usage(first, tail)
-    return response, Relayed(upstream.status, sent, usage, "ok", first_sent_at, ended_at)
+    return Relayed(upstream.status, sent, usage, "ok", first_sent_at, ended_at)
 
 
 async def _broken(

@@ -194,3 +194,11 @@ def test_an_unreadable_config_file_is_refused_naming_it(tmp_path: Path):
         with pytest.raises(ConfigError, match="cannot read config") as refused:
             load(path)
         assert str(path) in str(refused.value)
+
+
+def test_redis_url_comes_from_the_environment_when_the_file_leaves_it_empty(monkeypatch):
+    monkeypatch.setenv("EDGE_REDIS_URL", "redis://:pw@127.0.0.1:6390/0")
+    assert from_mapping({}).auth.redis_url == "redis://:pw@127.0.0.1:6390/0"
+    assert load(EXAMPLE).auth.redis_url == "redis://:pw@127.0.0.1:6390/0"
+    configured = from_mapping({"auth": {"redis_url": "redis://127.0.0.1:1/0"}})
+    assert configured.auth.redis_url == "redis://127.0.0.1:1/0"  # the file wins when it names one

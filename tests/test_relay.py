@@ -173,3 +173,18 @@ def test_error_event_shapes():
     assert anthropic.startswith(b"event: error\n")
     assert orjson.loads(anthropic.split(b"data: ")[1])["error"]["type"] == "api_error"
     assert orjson.loads(error_event("gemini")[6:])["error"]["status"] == "UNAVAILABLE"
+
+
+async def test_clients_hanging_up_mid_stream_leave_no_error_log(start_mock, start_edge, caplog):
+    mock = await start_mock(models=("m",), tokens=200, chunk_ms=2)
+    edge = await start_edge({"m": [mock]})
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    async with aiohttp.ClientSession() as client:
+        for _ in range(20):
+            resp = await client.post(f"{edge.url}/v1/chat/completions", json=body)
+            await resp.content.readany()
+            resp.close()
+    await asyncio.sleep(0.3)
+    errors = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert errors == []
+    assert all(h.inflight == 0 for h in edge.view.fleet.models["m"])

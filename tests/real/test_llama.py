@@ -29,7 +29,7 @@ MODEL = llama.MODEL_ID
 # About 650 tokens of system prompt: long enough that prefill dominates time to first token.
 SYSTEM = " ".join(
     f"Rule {i}: the archive keeps record {i * 7} in drawer {i % 13} beside ledger {i * 3}."
-    for i in range(1, 40)
+    for i in range(1, 26)
 )
 QUESTIONS = ["Summarise the archive.", "Which drawer has record 91?", "List two ledgers.", "Done?"]
 

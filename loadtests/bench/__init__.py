@@ -1,0 +1,1 @@
+"""Helpers of `make bench` (loadtests/bench.py): the fast upstream, the stream client, configs."""
