@@ -120,6 +120,8 @@ class Balancer:
         self.hedges = 0
         self.policies = dict.fromkeys(POLICIES, 0)
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self._cookies: dict[tuple[tuple[bytes, ...], bool], str] = {}
+        self._cookie_second = -1
         self.reconfigure(settings or RoutingSettings())
 
     def reconfigure(self, settings: RoutingSettings) -> None:
@@ -129,6 +131,7 @@ class Balancer:
         if old is not None and settings.cookie_secret.startswith(DRAWN_SECRET):
             settings = dataclasses.replace(settings, cookie_secret=old.cookie_secret)
         self.settings = settings
+        self._cookies = {}  # signed with the old secret or name
         self.codec = CookieCodec(settings.cookie_secret, settings.cookie_max_age_s)
         self._default = Rules(settings, ModelRouting())
         self._rules = {m: Rules(settings, r) for m, r in settings.models.items()}
@@ -367,9 +370,20 @@ class Balancer:
             return None
         hid = self.ids.get(host.url)[0]
         ids = (hid, *(i for i in decision.cookie_ids if i != hid))
-        s = self.settings
-        value = self.codec.encode(ids, self.wall())
-        return set_cookie(s.cookie_name, value, s.cookie_max_age_s, secure)
+        # Signing costs an HMAC per response; within one second the value is the same.
+        second = int(self.wall())
+        if second != self._cookie_second:
+            self._cookies.clear()
+            self._cookie_second = second
+        key = (ids, secure)
+        cookie = self._cookies.get(key)
+        if cookie is None:
+            s = self.settings
+            value = self.codec.encode(ids, second)
+            cookie = self._cookies[key] = set_cookie(
+                s.cookie_name, value, s.cookie_max_age_s, secure
+            )
+        return cookie
 
     def __repr__(self) -> str:
         outcomes = " ".join(f"{k}={v}" for k, v in self.outcomes.items())

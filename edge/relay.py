@@ -64,8 +64,6 @@ async def relay(
         else:
             headers[name] = value
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-    if upstream.content_length is not None:
-        response.content_length = upstream.content_length
     try:
         return response, await _pump(request, response, up, dialect)
     except ConnectionResetError:

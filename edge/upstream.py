@@ -216,6 +216,7 @@ class _Conn(asyncio.Protocol):
         self.reason = ""
         self.received = False  # any byte of the current response
         self.keep_alive = False
+        self.close_delimited = False  # decided from the head, before anyone edits the headers
         self.closed = False
         self.uses = 0
         self.idle_since = 0.0
@@ -243,7 +244,7 @@ class _Conn(asyncio.Protocol):
             self.waiter.set_exception(Disconnected(reason))
         response = self.response
         if response is not None and not response._eof:
-            if exc is None and self._close_delimited():
+            if exc is None and self.close_delimited:
                 response.feed_eof()
             else:
                 response._fail(Disconnected("connection closed in the middle of the response"))
@@ -264,7 +265,10 @@ class _Conn(asyncio.Protocol):
         if status < 200:
             return  # 1xx interim answers are not the response
         self.keep_alive = self.parser.should_keep_alive()
-        self.response = UpstreamResponse(self, status, self.reason, CIMultiDict(self.headers))
+        headers = CIMultiDict(self.headers)
+        framed = "Content-Length" in headers or "Transfer-Encoding" in headers
+        self.close_delimited = not framed
+        self.response = UpstreamResponse(self, status, self.reason, headers)
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(self.response)
@@ -278,14 +282,6 @@ class _Conn(asyncio.Protocol):
             self.response.feed_eof()
 
     # used by the pool and the response
-    def _close_delimited(self) -> bool:
-        response = self.response
-        return (
-            response is not None
-            and "Content-Length" not in response.headers
-            and "Transfer-Encoding" not in response.headers
-        )
-
     def _broken(self, exc: UpstreamError) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(exc)
