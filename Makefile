@@ -30,7 +30,7 @@ lint: install
 	$(VENV)/bin/ruff format --check edge tests loadtests
 
 typecheck: install
-	$(VENV)/bin/mypy edge tests
+	$(VENV)/bin/mypy edge tests loadtests
 
 pytest: install sysdeps
 	$(VENV)/bin/pytest -q

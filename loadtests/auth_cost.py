@@ -46,7 +46,8 @@ from edge.ratelimit import LocalLimiter, RedisLimiter  # noqa: E402
 from edge.redisconn import RedisLink  # noqa: E402
 from edge.route import OPENAI, ProxyRequest  # noqa: E402
 from edge.usage import UsageMeter  # noqa: E402
-from tests.procs import free_port, wait_http  # noqa: E402
+from loadtests.bench.procfs import cpu_ns, start_edge  # noqa: E402
+from tests.procs import free_port  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 
 DOC = {
@@ -57,32 +58,6 @@ DOC = {
 BODY = json.dumps(DOC).encode()
 HIGH = Limits(rpm=10**9, tpm=10**12, concurrency=10**6)
 EDGES = ("passthrough", "keys-local", "keys-redis")
-
-
-def cpu_ns(pid: int) -> int:
-    """On-CPU time of every thread of `pid`, in nanoseconds (/proc schedstat)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError):
-            continue  # a thread that ended between the listing and the read
-    return total
-
-
-def start(args: list[str], url: str, cores: set[int]) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edge", *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    if cores:
-        os.sched_setaffinity(proc.pid, cores)
-    try:
-        wait_http(url, 20, proc)
-    except (RuntimeError, TimeoutError):
-        proc.kill()
-        raise
-    return proc
 
 
 # --- part 1: the door alone ------------------------------------------------------------------
@@ -215,7 +190,7 @@ def start_edges(
         config.write_text(f'{auth[name]}\n[models."m"]\nservers = ["{mock}"]\n')
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        proc = start(
+        proc = start_edge(
             ["serve", "--config", str(config), "--port", str(port)], f"{base}/health", cores
         )
         procs.append(proc)
@@ -253,7 +228,7 @@ def main() -> None:
         mock_port = free_port()
         mock = f"http://127.0.0.1:{mock_port}"
         cmd = ["mock", "--port", str(mock_port), "--model", "m"]
-        procs.append(start(cmd, f"{mock}/health", load_cores))
+        procs.append(start_edge(cmd, f"{mock}/health", load_cores))
         edges, edge_procs = start_edges(work, mock, redis.url, key_file, edge_cores)
         procs += edge_procs
         assert redis.proc is not None

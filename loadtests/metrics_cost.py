@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 import timeit
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,43 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 from edge.fleet import FleetView, HostTable  # noqa: E402
 from edge.metrics import LATENCY_BUCKETS, Metrics, Observation, Usage  # noqa: E402
+from loadtests.bench.procfs import cpu_ns, start_edge  # noqa: E402
 from tests.procs import free_port  # noqa: E402
 
 BODY = json.dumps(
     {"model": "m", "messages": [{"role": "user", "content": "how much do metrics cost?"}]}
 ).encode()
-
-
-def cpu_ns(pid: int) -> int:
-    """On-CPU time of every thread of `pid`, in nanoseconds."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError):
-            continue  # a thread that ended between the listing and the read
-    return total
-
-
-def start(args: list[str], url: str, cores: set[int]) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "edge", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    if cores:
-        os.sched_setaffinity(proc.pid, cores)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return proc
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise SystemExit(f"{args} did not come up") from None
-            time.sleep(0.05)
 
 
 async def load(base: str, seconds: float, concurrency: int) -> tuple[int, float]:
@@ -188,7 +156,9 @@ def main() -> None:
         mock_port = free_port()
         mock = f"http://127.0.0.1:{mock_port}"
         procs.append(
-            start(["mock", "--port", str(mock_port), "--model", "m"], f"{mock}/health", load_cores)
+            start_edge(
+                ["mock", "--port", str(mock_port), "--model", "m"], f"{mock}/health", load_cores
+            )
         )
         edges = {}
         for name, enabled in (("on", "true"), ("off", "false")):
@@ -199,7 +169,7 @@ def main() -> None:
             port = free_port()
             base = f"http://127.0.0.1:{port}"
             cmd = ["serve", "--config", str(config), "--port", str(port)]
-            proc = start(cmd, f"{base}/health", edge_cores)
+            proc = start_edge(cmd, f"{base}/health", edge_cores)
             procs.append(proc)
             edges[name] = (base, proc.pid)
         results = asyncio.run(rounds(edges, args))

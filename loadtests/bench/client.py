@@ -16,7 +16,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -195,12 +195,12 @@ def main() -> None:
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    runs: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
+    runs: dict[str, Callable[[], Coroutine[Any, Any, dict[str, Any]]]] = {
         "rate": lambda: fixed_rate(args.url, args.rate, args.seconds),
         "streams": lambda: streams(args.url, args.streams, args.chunks, args.chunk_ms, args.pid),
         "held": lambda: held(args.url, args.streams, args.release, args.pid, args.open_timeout),
     }
-    result = uvloop.run(runs[args.mode]())
+    result: dict[str, Any] = uvloop.run(runs[args.mode]())
     json.dump(result, sys.stdout)
     print(flush=True)
 

@@ -1,9 +1,14 @@
-"""CPU time and memory of a process and all its descendants, read from /proc."""
+"""CPU time and memory of a process and all its descendants, read from /proc; and starting an
+edge process pinned to cores for the cost benchmarks."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
+
+from tests.procs import wait_http
 
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -59,3 +64,30 @@ def core_busy_seconds(core: int) -> float:
             user, nice, system, _idle, _iowait, _irq, _softirq, steal = map(int, line.split()[1:9])
             return (user + nice + system + steal) / TICKS
     raise ValueError(f"no cpu{core} in /proc/stat")
+
+
+def cpu_ns(pid: int) -> int:
+    """On-CPU time of every thread of `pid`, in nanoseconds (/proc schedstat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError):
+            continue  # a thread that ended between the listing and the read
+    return total
+
+
+def start_edge(args: list[str], url: str, cores: set[int]) -> subprocess.Popen[bytes]:
+    """`python -m edge ARGS` pinned to `cores`, once `url` answers."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    if cores:
+        os.sched_setaffinity(proc.pid, cores)
+    try:
+        wait_http(url, 20, proc)
+    except (RuntimeError, TimeoutError):
+        proc.kill()
+        raise
+    return proc
