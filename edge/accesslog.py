@@ -24,6 +24,8 @@ import orjson
 from edge.config import LogSettings
 from edge.metrics import Observation
 
+KeyUse = tuple[str, str, float | None]  # short key id, workspace, cost
+
 FLUSH_S = 0.5
 _BATCH = select.PIPE_BUF  # writes up to this size are atomic on pipes (4096 on Linux)
 _MODEL_MAX = 128  # a model name the edge does not serve is still logged, cut to this
@@ -48,14 +50,18 @@ class AccessLog:
         self.sampled_out = 0
         self.dropped = 0  # batches the log could not take
 
-    def write(self, obs: Observation, request_id: str, client: str | None, asked: str) -> None:
-        """One line for a request just answered. `asked` is the model name the client sent."""
+    def write(
+        self, obs: Observation, request_id: str, client: str | None, asked: str,
+        key: KeyUse | None = None,
+    ) -> None:  # fmt: skip
+        """One line for a request just answered. `asked` is the model name the client sent;
+        `key` is the (short key id, workspace, cost) of a request the edge checked a key for."""
         if not self.enabled:
             return
         if obs.status < 400 and self.sample_rate < 1.0 and random.random() >= self.sample_rate:
             self.sampled_out += 1
             return
-        line = orjson.dumps(_record(obs, request_id, client, asked), option=_OPTIONS)
+        line = orjson.dumps(_record(obs, request_id, client, asked, key), option=_OPTIONS)
         self._lines.append(line)
         self._size += len(line)
         self.written += 1
@@ -117,8 +123,11 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
 
-def _record(obs: Observation, request_id: str, client: str | None, asked: str) -> dict[str, Any]:
+def _record(
+    obs: Observation, request_id: str, client: str | None, asked: str, key: KeyUse | None
+) -> dict[str, Any]:
     usage = obs.usage
+    key_id, workspace, cost = key if key is not None else (None, None, None)
     return {
         "time": datetime.now(UTC),
         "request_id": request_id,
@@ -137,4 +146,7 @@ def _record(obs: Observation, request_id: str, client: str | None, asked: str) -
         "bytes_in": obs.bytes_in,
         "bytes_out": obs.bytes_out,
         "affinity": obs.affinity,
+        "key_id": key_id,  # the short id only, never the key
+        "workspace": workspace,
+        "cost": cost,
     }

@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from edge.accesslog import AccessLog
-from edge.auth import Admission, Gate, passthrough_check
+from edge.accesslog import AccessLog, KeyUse
+from edge.auth import Admission, Gate, Principal, passthrough_check
 from edge.config import LogSettings, ServerSettings
 from edge.errors import EdgeError, MethodNotAllowed, NotFound
 from edge.fleet import Fleet, FleetView
@@ -182,6 +182,7 @@ class EdgeHandler:
         asked, bytes_in, exchange_at = "", 0, 0.0  # for the final observation
         gate, status = self.gate, 499
         adm: Admission | None = None
+        principal: Principal | None = None
         usage: Usage | None = None
         try:
             # The key is checked before the body is read: no 32 MB upload from a stranger.
@@ -221,7 +222,7 @@ class EdgeHandler:
                         upstream_s=first_at - exchange_at + done.ended_at - done.first_sent_at,
                         affinity=decision.affinity,
                     ),
-                    rid, request, asked,
+                    rid, request, asked, self._key_use(principal, model, done.usage),
                 )  # fmt: skip
                 return response
         except EdgeError as err:
@@ -233,7 +234,7 @@ class EdgeHandler:
                     attempt=getattr(err, "attempts", 0), bytes_in=bytes_in,
                     upstream_s=now - exchange_at if exchange_at else 0.0,
                 ),
-                rid, request, asked,
+                rid, request, asked, self._key_use(principal, model, usage),
             )  # fmt: skip
             return error_response(err, dialect_of(request.path), rid)
         except (asyncio.CancelledError, ConnectionResetError):
@@ -243,18 +244,30 @@ class EdgeHandler:
                     model, None, route, 499, "client_disconnect", now - started,
                     bytes_in=bytes_in, upstream_s=now - exchange_at if exchange_at else 0.0,
                 ),
-                rid, request, asked,
+                rid, request, asked, self._key_use(principal, model, usage),
             )  # fmt: skip
             raise
         finally:
             if adm is not None and gate is not None:
                 gate.release(adm, model, status, usage)
 
-    def _finish(self, obs: Observation, rid: str, request: web.BaseRequest, asked: str) -> None:
+    def _finish(
+        self, obs: Observation, rid: str, request: web.BaseRequest, asked: str,
+        key: KeyUse | None,
+    ) -> None:  # fmt: skip
         """A request's final observation: metrics, host statistics and the access log."""
         self.metrics.observe(obs)
         if self.access.enabled:
-            self.access.write(obs, rid, request.remote, asked)
+            self.access.write(obs, rid, request.remote, asked, key)
+
+    def _key_use(
+        self, principal: Principal | None, model: str, usage: Usage | None
+    ) -> KeyUse | None:
+        """For the access log: which key (its short id), its workspace, and what it cost."""
+        if principal is None or self.gate is None:
+            return None
+        cost = self.gate.meter.cost_of(model, usage) if usage is not None and model else None
+        return principal.key_id, principal.workspace, cost
 
     def __repr__(self) -> str:
         return f"<EdgeHandler {self.view!r} {self.forwarder!r}>"

@@ -23,7 +23,7 @@ SECRET_PROMPT = "the vault combination is PROMPT-SECRET-4410"
 FIELDS = {
     "time", "request_id", "client", "model", "known_model", "server", "route", "status",
     "outcome", "attempts", "ttfb_ms", "duration_ms", "prompt_tokens", "completion_tokens",
-    "bytes_in", "bytes_out", "affinity",
+    "bytes_in", "bytes_out", "affinity", "key_id", "workspace", "cost",
 }  # fmt: skip
 
 

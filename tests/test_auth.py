@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import anthropic
 import openai
+import orjson
 import pytest
 
 from edge.auth import strip_key_param
@@ -281,6 +282,31 @@ async def test_usage_per_key_model_and_workspace(start_mock, start_edge, keyfile
     assert f'edge_key_tokens_total{{{labels},type="completion",workspace="{WS}"}} 8.0' in text
     # 6 prompt tokens at 1000/M and 8 completion tokens at 2000/M
     assert f'edge_key_cost_total{{{labels},workspace="{WS}"}} 0.022' in text
+
+
+async def test_access_log_names_key_id_workspace_and_cost_never_the_key(
+    start_mock, start_edge, keyfile, tmp_path: Path
+) -> None:
+    mock = await start_mock(tokens=4)
+    log = tmp_path / "access.log"
+    worker = await start_edge(
+        models={MODEL: [mock]},
+        auth__mode="keys",
+        auth__key_store=keyfile[0],
+        auth__prices={MODEL: [1000.0, 2000.0]},
+        log__mode="file",
+        log__path=str(log),
+    )
+    key = keyfile[1]["scoped"]
+    async with _openai(f"{worker.url}/api/{WS}/v1", key) as client:
+        await client.chat.completions.create(**CHAT)
+    worker.access.flush()
+    lines = [orjson.loads(line) for line in log.read_bytes().splitlines()]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["key_id"] == key[8:16] and line["workspace"] == WS
+    assert line["cost"] == pytest.approx((3 * 1000.0 + 4 * 2000.0) / 1e6)
+    assert key not in log.read_text() and key[16:] not in log.read_text()
 
 
 def test_upstream_keys_per_server(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
