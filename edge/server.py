@@ -222,7 +222,7 @@ class EdgeHandler:
                         upstream_s=first_at - exchange_at + done.ended_at - done.first_sent_at,
                         affinity=decision.affinity,
                     ),
-                    rid, request, asked, self._key_use(principal, model, done.usage),
+                    rid, request, asked, principal,
                 )  # fmt: skip
                 return response
         except EdgeError as err:
@@ -234,7 +234,7 @@ class EdgeHandler:
                     attempt=getattr(err, "attempts", 0), bytes_in=bytes_in,
                     upstream_s=now - exchange_at if exchange_at else 0.0,
                 ),
-                rid, request, asked, self._key_use(principal, model, usage),
+                rid, request, asked, principal,
             )  # fmt: skip
             return error_response(err, dialect_of(request.path), rid)
         except (asyncio.CancelledError, ConnectionResetError):
@@ -244,7 +244,7 @@ class EdgeHandler:
                     model, None, route, 499, "client_disconnect", now - started,
                     bytes_in=bytes_in, upstream_s=now - exchange_at if exchange_at else 0.0,
                 ),
-                rid, request, asked, self._key_use(principal, model, usage),
+                rid, request, asked, principal,
             )  # fmt: skip
             raise
         finally:
@@ -253,11 +253,12 @@ class EdgeHandler:
 
     def _finish(
         self, obs: Observation, rid: str, request: web.BaseRequest, asked: str,
-        key: KeyUse | None,
+        principal: Principal | None,
     ) -> None:  # fmt: skip
         """A request's final observation: metrics, host statistics and the access log."""
         self.metrics.observe(obs)
         if self.access.enabled:
+            key = self._key_use(principal, obs.model, obs.usage)
             self.access.write(obs, rid, request.remote, asked, key)
 
     def _key_use(

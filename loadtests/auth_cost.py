@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp.test_utils import make_mocked_request
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +45,7 @@ from edge.ratelimit import LocalLimiter, RedisLimiter  # noqa: E402
 from edge.redisconn import RedisLink  # noqa: E402
 from edge.route import OPENAI, ProxyRequest  # noqa: E402
 from edge.usage import UsageMeter  # noqa: E402
+from loadtests.bench.closedloop import closed_loop  # noqa: E402
 from loadtests.bench.procfs import cpu_ns, start_edge  # noqa: E402
 from tests.procs import free_port  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
@@ -130,24 +130,8 @@ async def door_cost(work: Path, redis_url: str, n: int, concurrency: int) -> dic
 
 async def load(base: str, key: str, seconds: float, concurrency: int) -> tuple[int, float]:
     """Closed-loop load for `seconds`: (requests completed, median latency in ms)."""
-    latencies: list[float] = []
-    deadline = time.monotonic() + seconds
-    url = f"{base}/v1/chat/completions"
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
-
-    async def user(client: aiohttp.ClientSession) -> None:
-        while time.monotonic() < deadline:
-            began = time.perf_counter()
-            async with client.post(url, data=BODY, headers=headers) as resp:
-                await resp.read()
-                if resp.status != 200:
-                    raise SystemExit(f"request failed: {resp.status} {await resp.text()}")
-            latencies.append(time.perf_counter() - began)
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as client:
-        await asyncio.gather(*(user(client) for _ in range(concurrency)))
-    return len(latencies), statistics.median(latencies) * 1000
+    return await closed_loop(f"{base}/v1/chat/completions", BODY, headers, seconds, concurrency)
 
 
 async def rounds(

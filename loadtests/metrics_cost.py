@@ -28,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from edge.fleet import FleetView, HostTable  # noqa: E402
 from edge.metrics import LATENCY_BUCKETS, Metrics, Observation, Usage  # noqa: E402
+from loadtests.bench.closedloop import closed_loop  # noqa: E402
 from loadtests.bench.procfs import cpu_ns, start_edge  # noqa: E402
 from tests.procs import free_port  # noqa: E402
 
@@ -46,24 +46,8 @@ BODY = json.dumps(
 
 async def load(base: str, seconds: float, concurrency: int) -> tuple[int, float]:
     """Closed-loop load for `seconds`: (requests completed, median latency in ms)."""
-    latencies: list[float] = []
-    deadline = time.monotonic() + seconds
-    url = f"{base}/v1/chat/completions"
     headers = {"Content-Type": "application/json"}
-
-    async def user(client: aiohttp.ClientSession) -> None:
-        while time.monotonic() < deadline:
-            began = time.perf_counter()
-            async with client.post(url, data=BODY, headers=headers) as resp:
-                await resp.read()
-                if resp.status != 200:
-                    raise SystemExit(f"request failed: {resp.status}")
-            latencies.append(time.perf_counter() - began)
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as client:
-        await asyncio.gather(*(user(client) for _ in range(concurrency)))
-    return len(latencies), statistics.median(latencies) * 1000
+    return await closed_loop(f"{base}/v1/chat/completions", BODY, headers, seconds, concurrency)
 
 
 async def rounds(edges: dict[str, tuple[str, int]], args: argparse.Namespace) -> dict[str, Any]:
