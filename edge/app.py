@@ -25,7 +25,6 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 
 import uvloop
-from aiohttp import web
 
 from edge import config as config_mod
 from edge.accesslog import AccessLog
@@ -37,6 +36,7 @@ from edge.engines import Scraper
 from edge.fleet import FleetView, HostTable
 from edge.forward import Forwarder, make_pool, make_session
 from edge.health import Health, Prober
+from edge.http1 import Server
 from edge.metrics import Metrics, remove_shared
 from edge.server import EdgeHandler, Lifecycle
 from edge.stats import SharedLoad
@@ -79,7 +79,7 @@ class Worker:
             self.view, self.forwarder, self.metrics, config.server, self.life, self.gate,
             access=self.access,
         )  # fmt: skip
-        self.web = web.Server(self.handler, handler_cancellation=True, access_log=None)
+        self.web = Server(self.handler, config.server.max_body_bytes)
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -144,19 +144,9 @@ class Worker:
         await self.session.close()
 
     async def _finish_requests(self, limit_s: float) -> None:
-        """Requests in flight finish until the drain deadline; then the rest are cut.
-
-        aiohttp's shutdown(t) waits t for handlers, then asks them to stop and waits t again,
-        and a relay waiting on its upstream does not hear the ask: 2t in all. Closing each
-        transport at the deadline cancels its handler (handler_cancellation) at once."""
-        shutdown = asyncio.ensure_future(self.web.shutdown(limit_s))
-        done, _ = await asyncio.wait({shutdown}, timeout=limit_s)
-        if not done:
-            busy = self.web.connections
-            log.warning("drain: %d connection(s) still busy at the deadline; cut", len(busy))
-            for connection in busy:
-                connection.force_close()
-        await shutdown
+        """Requests in flight finish until the drain deadline; then the rest are cut (their
+        handlers are cancelled, so each is still observed, as a 499)."""
+        await self.web.shutdown(limit_s)
 
     def __repr__(self) -> str:
         return f"<Worker {self.view!r} draining={self.life.draining}>"

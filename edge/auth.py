@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from edge.config import AuthSettings, ConfigError
 from edge.errors import Forbidden, TooManyRequests, Unauthorized, Unavailable
 from edge.fleet import Host, normalise_url
+from edge.http1 import Reply, Request
 from edge.keys import FileKeys, KeyRecord, KeyWatcher, Limits, RedisKeys, digest, key_id
 from edge.metrics import Usage
 from edge.ratelimit import Grant, LocalLimiter, RedisLimiter
@@ -58,7 +58,7 @@ class Principal:
     limits: Limits
 
 
-def client_key(request: web.BaseRequest) -> str | None:
+def client_key(request: Request) -> str | None:
     headers = request.headers
     value = headers.get("Authorization")
     if value is not None:
@@ -68,7 +68,7 @@ def client_key(request: web.BaseRequest) -> str | None:
     if value is not None:
         return value.strip()
     if "key=" in request.query_string:
-        return request.rel_url.query.get("key")
+        return request.query.get("key")
     return None
 
 
@@ -190,7 +190,7 @@ class Gate:
 
     # --- per request ---------------------------------------------------------------------
 
-    def identify(self, request: web.BaseRequest) -> Principal | None:
+    def identify(self, request: Request) -> Principal | None:
         """The request's principal in keys mode (401 otherwise); None in none mode."""
         if self.keyring is None:
             return None
@@ -255,13 +255,13 @@ class Gate:
 
     # --- GET /libertai/auth/check ---------------------------------------------------------
 
-    async def check(self, request: web.BaseRequest) -> web.Response:
+    async def check(self, request: Request) -> Reply:
         """200 for a valid key, 401 otherwise; no limit is taken and nothing is spent."""
         p = self.identify(request)
         doc: dict[str, Any] = {"status": "ok", "mode": self.mode}
         if p is not None:
             doc.update(key_id=p.key_id, name=p.name, workspace=p.workspace or None)
-        return web.Response(body=orjson.dumps(doc), content_type="application/json")
+        return Reply(orjson.dumps(doc))
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -291,12 +291,12 @@ class Gate:
         return f"<Gate {self.mode} {self.keyring!r} {self.limiter!r}>"
 
 
-async def passthrough_check(request: web.BaseRequest) -> web.Response:
+async def passthrough_check(request: Request) -> Reply:
     """/libertai/auth/check when the hosts check keys: the edge can only say one was sent."""
     if not client_key(request):
         raise Unauthorized(_ABSENT, code="missing_api_key")
     body = b'{"status":"ok","mode":"passthrough","checked":false}'
-    return web.Response(body=body, content_type="application/json")
+    return Reply(body)
 
 
 def strip_key_param(target: str) -> str:

@@ -14,22 +14,26 @@ import asyncio
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict
 
 from edge.balance import Balancer, Decision
 from edge.config import HealthSettings, ModelTimeouts, OutlierSettings, UpstreamSettings
 from edge.errors import Unavailable, UpstreamFailure
 from edge.fleet import UP, Host
 from edge.health import Health, RetryBudget, candidates, fallback, why
+from edge.http1 import Request
 from edge.metrics import Metrics, Observation
 from edge.route import ProxyRequest
-from edge.upstream import TimedOut, UpstreamError, UpstreamPool, UpstreamResponse
+from edge.upstream import (
+    TimedOut,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    check_lines,
+    render_headers,
+)
 
 # RFC 9110 7.6.1 connection-specific fields, plus those that describe one hop's framing.
 HOP_BY_HOP = frozenset(
@@ -45,6 +49,10 @@ _REQUEST_OWNED = frozenset(
 )  # fmt: skip
 # Where clients put API keys; not sent upstream when the edge checks keys itself.
 _CLIENT_KEYS = frozenset({"authorization", "x-api-key", "x-goog-api-key"})
+_DROP_UP = frozenset(n.encode() for n in HOP_BY_HOP | _REQUEST_OWNED)
+_DROP_UP_KEYED = _DROP_UP | frozenset(n.encode() for n in _CLIENT_KEYS)
+# The client gets the edge's own framing (Content-Length or chunked), never the upstream's.
+_DROP_DOWN = frozenset(n.encode() for n in HOP_BY_HOP | {"content-length"})
 
 OK_OUTCOME = "ok"
 
@@ -100,49 +108,44 @@ def _ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | bool:
     return ssl.create_default_context(cafile=settings.ca_bundle or None)
 
 
-def connection_tokens(headers: Any) -> frozenset[str]:
-    """Header names the Connection field lists: hop-by-hop for this message only."""
-    value = headers.get("Connection")
-    if not value:
-        return HOP_BY_HOP
-    return HOP_BY_HOP | {t.strip().lower() for t in value.split(",")}
-
-
 def upstream_headers(
-    request: web.BaseRequest, request_id: str, credentials: list[tuple[str, str]] | None = None
-) -> list[tuple[str, str]]:
-    """`credentials` None passes the client's key on (passthrough); a list (maybe empty) replaces
-    every client key header with it (the edge checked the key itself)."""
+    request: Request, request_id: str, credentials: list[tuple[str, str]] | None = None
+) -> bytes:
+    """The header block sent upstream, rendered once per request from the bytes the client
+    sent. `credentials` None passes the client's key on (passthrough); a list (maybe empty)
+    replaces every client key header with it (the edge checked the key itself)."""
     headers = request.headers
-    drop = connection_tokens(headers)
-    if credentials is not None:
-        drop = drop | _CLIENT_KEYS
-    out = [
-        (k, v) for k, v in headers.items() if (lk := k.lower()) not in drop
-        and lk not in _REQUEST_OWNED
-    ]  # fmt: skip
-    peer = request.remote or ""
+    drop = _DROP_UP if credentials is None else _DROP_UP_KEYED
+    listed = headers.get("Connection")
+    if listed:
+        drop = drop | {t.strip().lower().encode() for t in listed.split(",")}
+    kept = [n + b": " + v + b"\r\n" for n, v in request.raw_headers if n.lower() not in drop]
     prior = headers.get("X-Forwarded-For")
-    out.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
-    out.append(("X-Forwarded-Proto", request.scheme))
-    out.append(("X-Request-ID", request_id))
-    if credentials:
-        out.extend(credentials)
-    return out
+    peer = request.remote
+    own = [
+        ("X-Forwarded-For", f"{prior}, {peer}" if prior else peer),
+        ("X-Forwarded-Proto", request.scheme),
+        ("X-Request-ID", request_id),
+        *(credentials or ()),
+    ]
+    block = b"".join(kept)
+    # llhttp keeps an obsolete line fold inside a value: refused rather than passed on.
+    check_lines(block, len(kept))
+    return block + render_headers(own)
 
 
-def client_headers(upstream: UpstreamResponse) -> CIMultiDict[str]:
-    """The upstream's end-to-end headers. Filtered in place (the parsed head is the edge's own):
-    a few C-level lookups instead of rebuilding every header. Content-Length stays, so the
-    client gets the body framed exactly as the upstream framed it."""
-    headers = upstream.headers
-    for name in connection_tokens(headers):
-        if name in headers:
-            del headers[name]
-    return headers
+def client_head(upstream: UpstreamResponse) -> bytes:
+    """The upstream's end-to-end headers, rendered from the bytes it sent."""
+    drop = _DROP_DOWN
+    listed = upstream.headers.get("Connection")
+    if listed:
+        drop = drop | {t.strip().lower().encode() for t in listed.split(",")}
+    return b"".join(
+        [n + b": " + v + b"\r\n" for n, v in upstream.raw_headers if n.lower() not in drop]
+    )
 
 
-def request_id(request: web.BaseRequest) -> str:
+def request_id(request: Request) -> str:
     rid = request.headers.get("X-Request-ID")
     if rid and len(rid) <= 128 and rid.isprintable():
         return rid
@@ -152,7 +155,7 @@ def request_id(request: web.BaseRequest) -> str:
 class Upstream:
     """An open attempt: the upstream response with its first body chunk already read."""
 
-    __slots__ = ("host", "response", "first", "started", "ttfb_s", "attempt")
+    __slots__ = ("host", "response", "first", "started", "ttfb_s", "attempt", "leases")
 
     def __init__(
         self, host: Host, response: UpstreamResponse, first: bytes, started: float
@@ -162,7 +165,8 @@ class Upstream:
         self.first = first
         self.started = started
         self.ttfb_s = time.monotonic() - started
-        self.attempt = 1  # attempts the request made, this one included (set by the exchange)
+        self.attempt = 1  # attempts the request made, this one included (set by `open`)
+        self.leases: _Leases | None = None  # released by `Forwarder.done`
 
     def __repr__(self) -> str:
         return f"<Upstream {self.host.url} status={self.response.status} ttfb={self.ttfb_s:.3f}>"
@@ -213,25 +217,27 @@ class Forwarder:
         self._tuned: UpstreamSettings | None = None
         self._timeouts: dict[str, _Timeouts] = {}
 
-    @asynccontextmanager
-    async def exchange(
+    async def open(
         self,
         preq: ProxyRequest,
         hosts: Sequence[Host],
-        headers: list[tuple[str, str]],
+        headers: bytes,
         decision: Decision | None = None,
-    ) -> AsyncIterator[Upstream]:
-        """Yield the first attempt that opens; raise Unavailable when none does."""
+    ) -> Upstream:
+        """The first attempt that opens; Unavailable when none does. The caller hands the
+        result to `done` in a `finally` (a plain call: a context manager per request costs
+        more than everything this method does on the happy path)."""
         tried: list[Host] = []
         reasons: list[str] = []
         # Routing: `decision` sends the first attempt to the pinned or affine host (a pinned
         # request gets no other). An attempt may race a hedge on a second host (`_race`), so
         # leases are held per host: a failed or losing attempt's lease is released at once, the
-        # winner's when the exchange ends, and every one on any path out of this block.
+        # winner's in `done`, and every one on any other path out of here.
         self._tune()
         self.budget.deposit()
         note, trialled = "not tried", None
-        with _Leases() as leases:
+        leases = _Leases()
+        try:
             for _ in range(self.settings.max_attempts):
                 # Health: routing sees only routable hosts of the best probe rank; when none is
                 # left, one host out of rotation gets an early half-open trial (never past a pin).
@@ -252,17 +258,27 @@ class Forwarder:
                     reasons.append(f"{host.url}: {failure.reason}")
                     continue
                 up.attempt = len(tried)
-                try:
-                    yield up
-                finally:
-                    up.response.close()
-                return
+                up.leases = leases
+                return up
+        except BaseException:
+            leases.release_all()
+            raise
+        leases.release_all()
         failed = _all_failed(preq.model, reasons, [h for h in hosts if h not in tried], note)
         failed.attempts = len(tried)
         raise failed
 
+    @staticmethod
+    def done(up: Upstream) -> None:
+        """The exchange is over: the connection goes back to the pool (or closes), the leases
+        are released."""
+        up.response.close()
+        if up.leases is not None:
+            up.leases.release_all()
+            up.leases = None
+
     async def _race(
-        self, host: Host, preq: ProxyRequest, headers: list[tuple[str, str]],
+        self, host: Host, preq: ProxyRequest, headers: bytes,
         hosts: Sequence[Host], tried: list[Host], decision: Decision | None, leases: _Leases,
     ) -> Upstream:  # fmt: skip
         """Open `host`. When routing allows a hedge (balance.hedge_delay: off by default) and no
@@ -297,9 +313,7 @@ class Forwarder:
                     task.result().response.close()  # opened too, but lost by a hair
                 task.add_done_callback(_retrieve)
 
-    async def _open(
-        self, host: Host, preq: ProxyRequest, headers: list[tuple[str, str]]
-    ) -> Upstream:
+    async def _open(self, host: Host, preq: ProxyRequest, headers: bytes) -> Upstream:
         started = time.monotonic()
         self.health.started(host)  # on a host that is not up, this attempt is its trial
         # Routing sees how long this host keeps an attempt waiting for a first byte
@@ -323,11 +337,11 @@ class Forwarder:
         return up
 
     async def _attempt(
-        self, host: Host, preq: ProxyRequest, headers: list[tuple[str, str]], started: float
+        self, host: Host, preq: ProxyRequest, headers: bytes, started: float
     ) -> Upstream:
         t = self._timeouts.get(preq.model) or self._timeouts[""]
         if self.credentials is not None:
-            headers = headers + self.credentials(preq, host)
+            headers = headers + render_headers(self.credentials(preq, host))
         response = await self.pool.post(
             host.url, preq.target, headers, preq.body, t.first_byte_s, t.connect_s
         )
@@ -392,7 +406,7 @@ class Forwarder:
 
 
 class _Leases:
-    """The in-flight leases of one request's attempts (see `Forwarder.exchange`). Counted
+    """The in-flight leases of one request's attempts (see `Forwarder.open`). Counted
     directly on the host: a generator context manager per attempt costs more than the count."""
 
     __slots__ = ("_held",)
@@ -410,10 +424,7 @@ class _Leases:
             self._held.remove(host)
             host.inflight -= 1
 
-    def __enter__(self) -> _Leases:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def release_all(self) -> None:
         while self._held:
             self._held.pop().inflight -= 1
 

@@ -1,12 +1,17 @@
-"""Upstream body -> client, as it arrives: every read is written at once, with backpressure.
+"""Upstream body -> client, as it arrives, with the client's flow control reaching the upstream.
 
-Nothing is parsed per chunk. The relay keeps references to the first chunk and the last two, and
+Nothing is parsed per piece. A body the first read already holds whole (most non-streaming
+answers) goes out with its head in one write. Any other is piped: the upstream connection's
+parser hands each piece straight to the client connection's transport (`UpstreamResponse.pipe`),
+with no task switch and no buffer in between; when the client's socket backs up, the upstream
+socket stops being read. The relay keeps references to the first piece and the last two, and
 only after the last byte went out does it look there for `usage` (OpenAI's usage object or
 `include_usage` chunk, Anthropic's message_start/message_delta, Gemini's usageMetadata).
 
 After the status is committed, an upstream that fails cannot be retried: an SSE stream ends with
 an error event in the client's dialect and a clean close; any other body is cut off (the client
-sees a truncated response, never a well-formed wrong one).
+sees a truncated response, never a well-formed wrong one). A client that goes away cancels the
+handler (edge/http1.py), and the caller closes the upstream.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ import re
 import time
 
 import orjson
-from aiohttp import web
 
-from edge.forward import Upstream, client_headers
+from edge.forward import Upstream, client_head
+from edge.http1 import Request
 from edge.metrics import Usage
 from edge.route import ANTHROPIC, GEMINI
 from edge.upstream import UpstreamError, UpstreamResponse
@@ -52,72 +57,45 @@ class Relayed:
         return f"<Relayed {self.status} {self.outcome} bytes={self.bytes_out}>"
 
 
-async def relay(
-    request: web.BaseRequest, up: Upstream, dialect: str, extra: dict[str, str]
-) -> tuple[web.StreamResponse, Relayed]:
-    upstream = up.response
-    headers = client_headers(upstream)
-    for name, value in extra.items():
-        # The affinity cookie joins the upstream's own cookies; the edge's other headers win.
-        if name == "Set-Cookie":
-            headers.add(name, value)
-        else:
-            headers[name] = value
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-    try:
-        return response, await _pump(request, response, up, dialect)
-    except ConnectionResetError:
-        # The client hung up mid-answer: not an error of the edge's, so no traceback. The caller
-        # closes the upstream at once (the server frees its slot); aiohttp's own final write on
-        # this closed connection is a ConnectionError it already handles quietly.
+async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> Relayed:
+    """`extra`: the edge's own response headers, rendered, added after the upstream's."""
+    upstream, conn, first = up.response, request.conn, up.first
+    status = upstream.status
+    head = client_head(upstream) + extra
+    if upstream.complete:
+        conn.start(request, status, upstream.reason, head, len(first), first)
+        conn.end()
         now = time.monotonic()
-        return response, Relayed(CLIENT_GONE, 0, None, "client_disconnect", now, now)
-
-
-async def _pump(
-    request: web.BaseRequest, response: web.StreamResponse, up: Upstream, dialect: str
-) -> Relayed:
-    upstream = up.response
-    await response.prepare(request)
-    first = up.first
-    prev = last = first
-    sent = len(first)
-    if first:
-        await response.write(first)
+        return Relayed(status, len(first), read_usage(first, first), "ok", now, now)
+    conn.start(request, status, upstream.reason, head, upstream.content_length, first)
     first_sent_at = time.monotonic()
-    while True:
-        try:
-            chunk = await upstream.readany()
-        except UpstreamError:
-            ended_at = time.monotonic()
-            await _broken(request, response, upstream, dialect, last)
-            return Relayed(upstream.status, sent, None, "stream_error", first_sent_at, ended_at)
-        if not chunk:
-            break
-        await response.write(chunk)
-        sent += len(chunk)
-        prev, last = last, chunk
+    conn.source = upstream
+    if conn.paused:
+        upstream.pause_reading()
+    try:
+        await upstream.pipe(conn.write)
+    except UpstreamError:
+        ended_at = time.monotonic()
+        _broken(request, upstream, dialect, upstream.last or first)
+        sent = len(first) + upstream.piped
+        return Relayed(status, sent, None, "stream_error", first_sent_at, ended_at)
+    finally:
+        conn.source = None
     ended_at = time.monotonic()
-    await response.write_eof()
-    tail = last if prev is last else prev + last
-    usage = read_usage(first, tail)
-    return Relayed(upstream.status, sent, usage, "ok", first_sent_at, ended_at)
+    conn.end()
+    prev, last = upstream.prev, upstream.last
+    usage = read_usage(first, prev + last if prev else first + last)
+    return Relayed(status, len(first) + upstream.piped, usage, "ok", first_sent_at, ended_at)
 
 
-async def _broken(
-    request: web.BaseRequest,
-    response: web.StreamResponse,
-    upstream: UpstreamResponse,
-    dialect: str,
-    last: bytes,
-) -> None:
+def _broken(request: Request, upstream: UpstreamResponse, dialect: str, last: bytes) -> None:
+    conn = request.conn
     if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-        if request.transport is not None:
-            request.transport.close()
+        conn.abort()
         return
     lead = b"" if last.endswith((b"\n\n", b"\r\n\r\n")) or not last else b"\n\n"
-    await response.write(lead + error_event(dialect))
-    await response.write_eof()
+    conn.write(lead + error_event(dialect))
+    conn.end()
 
 
 def error_event(dialect: str) -> bytes:

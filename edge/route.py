@@ -10,9 +10,9 @@ import re
 from typing import Any
 
 import orjson
-from aiohttp import web
 
-from edge.errors import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, Unprocessable
+from edge.errors import BadRequest, MethodNotAllowed, NotFound, Unprocessable
+from edge.http1 import Request
 
 OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
 
@@ -78,9 +78,9 @@ def is_proxied(path: str) -> bool:
     return path.startswith("/v1/") or path.startswith(_GEMINI_PREFIX)
 
 
-async def parse(request: web.BaseRequest, max_body: int) -> ProxyRequest:
+async def parse(request: Request) -> ProxyRequest:
     workspace, path = split_workspace(request.path)
-    preq = await _parse(request, path, max_body)
+    preq = await _parse(request, path)
     if workspace:
         # Upstream gets the plain /v1/... path; a prefix sent percent-encoded is not ours.
         prefix = f"/api/{workspace}"
@@ -91,49 +91,31 @@ async def parse(request: web.BaseRequest, max_body: int) -> ProxyRequest:
     return preq
 
 
-async def _parse(request: web.BaseRequest, path: str, max_body: int) -> ProxyRequest:
+async def _parse(request: Request, path: str) -> ProxyRequest:
     if request.method != "POST":
         raise MethodNotAllowed(request.method, "POST")
     if path.startswith(_GEMINI_PREFIX):
-        return await _parse_gemini(request, path, max_body)
+        return await _parse_gemini(request, path)
     route = _ROUTES.get(path, "other")
-    body = await read_body(request, max_body)
+    body = await request.read()
     doc = _json_object(body)
     model = doc.get("model")
     if not isinstance(model, str) or not model:
         raise Unprocessable("The request body must name a 'model' (a string).", param="model")
     stream = doc.get("stream") is True
-    target = request.rel_url.raw_path_qs
-    return ProxyRequest(dialect_of(path), route, model, stream, body, target, doc)
+    return ProxyRequest(dialect_of(path), route, model, stream, body, request.target, doc)
 
 
-async def _parse_gemini(request: web.BaseRequest, path: str, max_body: int) -> ProxyRequest:
+async def _parse_gemini(request: Request, path: str) -> ProxyRequest:
     model, _, method = path[len(_GEMINI_PREFIX) :].rpartition(":")
     stream = _GEMINI_METHODS.get(method)
     if not model or stream is None:
         raise NotFound(
             f"Unknown Gemini method {method!r}; use :generateContent or :streamGenerateContent."
         )
-    body = await read_body(request, max_body)
+    body = await request.read()
     doc = _json_object(body)
-    return ProxyRequest(GEMINI, "gemini", model, stream, body, request.rel_url.raw_path_qs, doc)
-
-
-async def read_body(request: web.BaseRequest, limit: int) -> bytes:
-    """The whole body, refusing with 413 as soon as it passes `limit` (before reading it all)."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"The request body is over the limit of {limit} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await request.content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"The request body is over the limit of {limit} bytes.")
-        chunks.append(chunk)
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    request._read_bytes = body  # so aiohttp and later readers see the body as consumed
-    return body
+    return ProxyRequest(GEMINI, "gemini", model, stream, body, request.target, doc)
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

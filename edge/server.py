@@ -1,6 +1,6 @@
 """The request handler: the edge's own endpoints, the proxied path, and errors in each API's shape.
 
-This is aiohttp's low-level `web.Server` handler: no router, no middlewares. An exact-path
+The handler of edge/http1.py's server: no router, no middlewares. An exact-path
 dictionary answers the edge's own endpoints; everything under /v1/ and /v1beta/models/ is
 proxied. An EdgeError raised anywhere below becomes the error body of the dialect the client
 spoke (OpenAI, Anthropic or Google), with the right status.
@@ -14,7 +14,6 @@ import time
 from collections.abc import Awaitable, Callable
 
 import orjson
-from aiohttp import web
 
 from edge.accesslog import AccessLog, KeyUse
 from edge.auth import Admission, Gate, Principal, passthrough_check
@@ -23,6 +22,7 @@ from edge.errors import EdgeError, MethodNotAllowed, NotFound
 from edge.fleet import Fleet, FleetView
 from edge.forward import Forwarder, request_id, upstream_headers
 from edge.health import describe
+from edge.http1 import Reply, Request
 from edge.metrics import CONTENT_TYPE, Metrics, Observation, Usage
 from edge.relay import relay
 from edge.route import ANTHROPIC, GEMINI, dialect_of, is_proxied, parse, split_workspace
@@ -57,13 +57,12 @@ def error_body(err: EdgeError, dialect: str) -> bytes:
     return orjson.dumps({"error": body, "detail": err.message})
 
 
-def error_response(err: EdgeError, dialect: str, rid: str | None = None) -> web.Response:
-    response = web.Response(
-        status=err.status, body=error_body(err, dialect), content_type=JSON, headers=err.headers
-    )
+def error_reply(err: EdgeError, dialect: str, rid: str | None = None) -> Reply:
+    lines = [f"{name}: {value}\r\n" for name, value in (err.headers or {}).items()]
     if rid:
-        response.headers["X-Request-ID"] = rid
-    return response
+        lines.append(f"X-Request-ID: {rid}\r\n")
+    headers = "".join(lines).encode("latin-1", "replace")
+    return Reply(error_body(err, dialect), err.status, JSON, headers)
 
 
 class Lifecycle:
@@ -101,18 +100,18 @@ class _Local:
         )
         self._cached_for = fleet
 
-    async def models(self, request: web.BaseRequest) -> web.Response:
+    async def models(self, request: Request) -> Reply:
         self._refresh()
-        return web.Response(body=self._models, content_type=JSON)
+        return Reply(self._models)
 
-    async def registry(self, request: web.BaseRequest) -> web.Response:
+    async def registry(self, request: Request) -> Reply:
         self._refresh()
-        return web.Response(body=self._registry, content_type=JSON)
+        return Reply(self._registry)
 
-    async def health(self, request: web.BaseRequest) -> web.Response:
-        return web.Response(body=b'{"status":"ok"}', content_type=JSON)
+    async def health(self, request: Request) -> Reply:
+        return Reply(b'{"status":"ok"}')
 
-    async def ready(self, request: web.BaseRequest) -> web.Response:
+    async def ready(self, request: Request) -> Reply:
         fleet = self.view.fleet
         servers = fleet.host_count()
         ready = servers > 0 and not self.life.draining
@@ -120,17 +119,17 @@ class _Local:
         now = time.monotonic()
         health = {h.url: describe(h, now) for hosts in fleet.models.values() for h in hosts}
         body = orjson.dumps({"status": state, "servers": servers, "health": health})
-        return web.Response(status=200 if ready else 503, body=body, content_type=JSON)
+        return Reply(body, 200 if ready else 503)
 
-    async def metrics_text(self, request: web.BaseRequest) -> web.Response:
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+    async def metrics_text(self, request: Request) -> Reply:
+        return Reply(self.metrics.render(), content_type=CONTENT_TYPE)
 
 
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+Handler = Callable[[Request], Awaitable[Reply]]
 
 
 class EdgeHandler:
-    """The `web.Server` handler for one worker."""
+    """The http1.Server handler for one worker."""
 
     def __init__(
         self,
@@ -159,7 +158,7 @@ class EdgeHandler:
             "/libertai/auth/check": gate.check if gate is not None else passthrough_check,
         }
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: Request) -> None:
         path = request.path
         local = self._local.get(path)
         if local is None and path.startswith("/api/") and split_workspace(path)[1] == "/v1/models":
@@ -168,14 +167,16 @@ class EdgeHandler:
             if local is not None:
                 if request.method not in ("GET", "HEAD"):
                     raise MethodNotAllowed(request.method, "GET")
-                return await local(request)
+                request.conn.reply(request, await local(request))
+                return
             if not is_proxied(path):
                 raise NotFound(f"No route for {path}.")
-            return await self._proxy(request)
         except EdgeError as err:
-            return error_response(err, dialect_of(path))
+            request.conn.reply(request, error_reply(err, dialect_of(path)))
+            return
+        await self._proxy(request)
 
-    async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _proxy(self, request: Request) -> None:
         started = time.monotonic()
         rid = request_id(request)
         model, route = "", "unknown"
@@ -187,7 +188,7 @@ class EdgeHandler:
         try:
             # The key is checked before the body is read: no 32 MB upload from a stranger.
             principal = gate.identify(request) if gate is not None else None
-            preq = await parse(request, self.settings.max_body_bytes)
+            preq = await parse(request)
             route = preq.route
             asked, bytes_in = preq.model, len(preq.body)
             hosts = self.view.fleet.hosts(preq.model)
@@ -200,16 +201,18 @@ class EdgeHandler:
                 adm = await gate.admit(principal, preq, hosts)
             headers = upstream_headers(request, rid, adm.upstream if adm is not None else None)
             exchange_at = time.monotonic()
-            async with self.forwarder.exchange(preq, hosts, headers, decision) as up:
-                extra = {"X-Request-ID": rid}
+            up = await self.forwarder.open(preq, hosts, headers, decision)
+            try:
+                extra = [f"X-Request-ID: {rid}\r\n"]
                 if self.settings.expose_server:
-                    extra["X-Edge-Server"] = up.host.url
+                    extra.append(f"X-Edge-Server: {up.host.url}\r\n")
                 cookie = self.balancer.served(decision, up.host, request.secure)
                 if cookie is not None:
-                    extra["Set-Cookie"] = cookie  # the affinity cookie, re-signed each time
+                    extra.append(f"Set-Cookie: {cookie}\r\n")  # re-signed each time
                 if adm is not None:
-                    extra.update(adm.headers)
-                response, done = await relay(request, up, preq.dialect, extra)
+                    extra.extend(f"{name}: {value}\r\n" for name, value in adm.headers.items())
+                rendered = "".join(extra).encode("latin-1", "replace")
+                done = await relay(request, up, preq.dialect, rendered)
                 status, usage = done.status, done.usage
                 first_at = up.started + up.ttfb_s  # the upstream's first body byte arrived
                 self._finish(
@@ -224,7 +227,8 @@ class EdgeHandler:
                     ),
                     rid, request, asked, principal,
                 )  # fmt: skip
-                return response
+            finally:
+                self.forwarder.done(up)
         except EdgeError as err:
             status = err.status
             now = time.monotonic()
@@ -236,8 +240,8 @@ class EdgeHandler:
                 ),
                 rid, request, asked, principal,
             )  # fmt: skip
-            return error_response(err, dialect_of(request.path), rid)
-        except (asyncio.CancelledError, ConnectionResetError):
+            request.conn.reply(request, error_reply(err, dialect_of(request.path), rid))
+        except asyncio.CancelledError:
             now = time.monotonic()
             self._finish(
                 Observation(
@@ -252,7 +256,7 @@ class EdgeHandler:
                 gate.release(adm, model, status, usage)
 
     def _finish(
-        self, obs: Observation, rid: str, request: web.BaseRequest, asked: str,
+        self, obs: Observation, rid: str, request: Request, asked: str,
         principal: Principal | None,
     ) -> None:  # fmt: skip
         """A request's final observation: metrics, host statistics and the access log."""

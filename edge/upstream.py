@@ -28,6 +28,7 @@ import ipaddress
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -37,6 +38,7 @@ from multidict import CIMultiDict
 
 _HIGH_WATER = 256 * 1024  # buffered body bytes before the socket stops being read
 _DNS_TTL_S = 60.0
+_now = time.monotonic
 
 
 class UpstreamError(Exception):
@@ -92,14 +94,19 @@ class UpstreamResponse:
     """The head of an upstream response and a reader for its body."""
 
     __slots__ = (
-        "status", "reason", "headers", "read_timeout", "_conn", "_buf", "_size", "_eof", "_exc",
-        "_waiter", "_paused", "_deadline",
+        "status", "reason", "headers", "raw_headers", "read_timeout", "piped", "last", "prev",
+        "_conn", "_buf", "_size", "_eof", "_exc", "_waiter", "_paused", "_deadline", "_sink",
+        "_ended", "_fed_at", "_idle",
     )  # fmt: skip
 
-    def __init__(self, conn: _Conn, status: int, reason: str, headers: CIMultiDict[str]) -> None:
+    def __init__(
+        self, conn: _Conn, status: int, reason: str, headers: CIMultiDict[str],
+        raw_headers: list[tuple[bytes, bytes]],
+    ) -> None:  # fmt: skip
         self.status = status
         self.reason = reason
         self.headers = headers
+        self.raw_headers = raw_headers  # as received, for relaying without re-encoding
         self.read_timeout = 60.0
         self._conn = conn
         self._buf: list[bytes] = []
@@ -109,6 +116,13 @@ class UpstreamResponse:
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._deadline: asyncio.TimerHandle | None = None
+        # pipe mode (see `pipe`)
+        self._sink: Callable[[bytes], None] | None = None
+        self._ended: asyncio.Future[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._fed_at = 0.0
+        self.piped = 0  # body bytes handed to the sink
+        self.last = self.prev = b""  # the last two pieces piped, where a stream's usage is
 
     @property
     def content_length(self) -> int | None:
@@ -135,6 +149,59 @@ class UpstreamResponse:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def pipe(self, sink: Callable[[bytes], None]) -> asyncio.Future[None]:
+        """From now on every body piece goes to `sink` as the parser emits it, with no task
+        switch per piece; the future ends with the body (UpstreamError if it broke). Reads
+        pause and resume through `pause_reading`/`resume_reading` (the client's flow control),
+        and a gap longer than `read_timeout` fails the body."""
+        loop = asyncio.get_running_loop()
+        self._ended = ended = loop.create_future()
+        if self._buf:
+            data = self._take()
+            self._record(data)
+            sink(data)
+        if self._exc is not None or self._eof:
+            self._settle()
+            return ended
+        self._sink = sink
+        self._fed_at = _now()
+        self._idle = loop.call_later(self.read_timeout, self._idle_check)
+        return ended
+
+    def _record(self, data: bytes) -> None:
+        self.piped += len(data)
+        self.prev, self.last = self.last, data
+
+    def _idle_check(self) -> None:
+        # One timer per gap instead of one per piece: re-armed for what is left of the gap.
+        left = self._fed_at + self.read_timeout - _now()
+        if left > 0:
+            self._idle = asyncio.get_running_loop().call_later(left, self._idle_check)
+        else:
+            self._idle = None
+            self._timed_out()
+
+    def _settle(self) -> None:
+        ended = self._ended
+        self._sink = None
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if ended is None or ended.done():
+            return
+        if self._exc is not None:
+            ended.set_exception(self._exc)
+        else:
+            ended.set_result(None)
+
+    def pause_reading(self) -> None:
+        if self._conn is not None:
+            self._conn.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._conn is not None:
+            self._conn.resume_reading()
+
     def set_deadline(self, seconds: float) -> None:
         """Fail the body (and close the connection) `seconds` from now unless it ended."""
         loop = asyncio.get_running_loop()
@@ -149,6 +216,12 @@ class UpstreamResponse:
         """Give the connection back when the body was read to the end; otherwise close it."""
         if self._deadline is not None:
             self._deadline.cancel()
+        if self._ended is not None:
+            self._sink = None
+            if self._idle is not None:
+                self._idle.cancel()
+            if not self._ended.done():
+                self._ended.cancel()
         conn, self._conn = self._conn, None  # type: ignore[assignment]
         if conn is not None:
             conn.finish(reusable=self._eof and self._exc is None)
@@ -182,6 +255,13 @@ class UpstreamResponse:
             waiter.set_result(None)
 
     def feed(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            self._fed_at = _now()
+            self.piped += len(data)
+            self.prev, self.last = self.last, data
+            sink(data)
+            return
         self._buf.append(data)
         self._size += len(data)
         if self._size > _HIGH_WATER and not self._paused:
@@ -191,11 +271,15 @@ class UpstreamResponse:
 
     def feed_eof(self) -> None:
         self._eof = True
+        if self._ended is not None:
+            self._settle()
         self._wake()
 
     def _fail(self, exc: UpstreamError) -> None:
         if not self._eof and self._exc is None:
             self._exc = exc
+        if self._ended is not None:
+            self._settle()
         self._wake()
 
     def __repr__(self) -> str:
@@ -212,7 +296,7 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.response: UpstreamResponse | None = None
         self.waiter: asyncio.Future[UpstreamResponse] | None = None
-        self.headers: list[tuple[str, str]] = []
+        self.headers: list[tuple[bytes, bytes]] = []
         self.reason = ""
         self.received = False  # any byte of the current response
         self.keep_alive = False
@@ -258,17 +342,20 @@ class _Conn(asyncio.Protocol):
         self.reason = status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if status < 200:
             return  # 1xx interim answers are not the response
         self.keep_alive = self.parser.should_keep_alive()
-        headers = CIMultiDict(self.headers)
+        raw = self.headers
+        headers = CIMultiDict(
+            [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in raw]
+        )
         framed = "Content-Length" in headers or "Transfer-Encoding" in headers
         self.close_delimited = not framed
-        self.response = UpstreamResponse(self, status, self.reason, headers)
+        self.response = UpstreamResponse(self, status, self.reason, headers, raw)
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(self.response)
@@ -353,12 +440,13 @@ class UpstreamPool:
         self,
         base_url: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: bytes,
         body: bytes,
         head_timeout_s: float,
         connect_timeout_s: float | None = None,
     ) -> UpstreamResponse:
-        """Send one POST and wait (up to `head_timeout_s`) for the response head."""
+        """Send one POST and wait (up to `head_timeout_s`) for the response head. `headers`
+        is a block of "Name: value\r\n" lines (`render_headers`)."""
         origin = self._origins.get(base_url)
         if origin is None:
             origin = self._origins[base_url] = _Origin(base_url, self.ssl_context)
@@ -501,19 +589,25 @@ def _strerror(exc: OSError | None) -> str:
     return (exc.strerror if exc is not None else None) or "error"
 
 
-def _request_bytes(
-    origin: _Origin, target: str, headers: list[tuple[str, str]], body: bytes
-) -> bytes:
-    if " " in target:
-        raise Malformed("the request target contains a space")
-    lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
-    head = (
-        b"POST " + target.encode("utf-8", "surrogateescape") + b" HTTP/1.1\r\nHost: "
-        + origin.host_header + b"\r\n" + lines.encode("utf-8", "surrogateescape")
-        + b"Content-Length: %d\r\n\r\n" % len(body)
-    )  # fmt: skip
-    # A target or value carrying a line break would smuggle a header or a second request.
-    lines_expected = len(headers) + 4
-    if head.count(b"\n") != lines_expected or head.count(b"\r") != lines_expected:
+def render_headers(headers: list[tuple[str, str]]) -> bytes:
+    """ "Name: value\r\n" lines; a name or value carrying a line break is refused (it would
+    smuggle a header or a second request)."""
+    block = "".join([f"{name}: {value}\r\n" for name, value in headers])
+    data = block.encode("utf-8", "surrogateescape")
+    check_lines(data, len(headers))
+    return data
+
+
+def check_lines(block: bytes, lines: int) -> None:
+    if block.count(b"\n") != lines or block.count(b"\r") != lines:
         raise Malformed("a request header contains a line break")
-    return head + body
+
+
+def _request_bytes(origin: _Origin, target: str, headers: bytes, body: bytes) -> bytes:
+    if " " in target or "\n" in target or "\r" in target:
+        raise Malformed("the request target contains a space or a line break")
+    return (
+        b"POST " + target.encode("utf-8", "surrogateescape") + b" HTTP/1.1\r\nHost: "
+        + origin.host_header + b"\r\n" + headers + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+    )  # fmt: skip

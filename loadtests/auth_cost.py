@@ -29,9 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-from aiohttp.test_utils import make_mocked_request
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from edge.auth import Gate, Keyring  # noqa: E402
 from edge.config import AuthSettings  # noqa: E402
 from edge.fleet import HostTable  # noqa: E402
+from edge.http1 import Connection, Request  # noqa: E402
 from edge.keys import FileBackend, FileKeys, Limits, RedisBackend, create_key  # noqa: E402
 from edge.metrics import Usage  # noqa: E402
 from edge.ratelimit import LocalLimiter, RedisLimiter  # noqa: E402
@@ -74,9 +73,9 @@ async def door_cost(work: Path, redis_url: str, n: int, concurrency: int) -> dic
     watcher = FileKeys(path)
     await watcher.refresh()
     keyring = Keyring(watcher)
-    request = make_mocked_request(
-        "POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}
-    )
+    # A request as edge/http1.py parses it; the gate reads only its headers.
+    raw = [(b"Authorization", f"Bearer {key}".encode())]
+    request = Request(cast(Connection, None), "POST", "/v1/chat/completions", raw, "1.1", True, 1)
     hosts = HostTable().build({"m": ["http://127.0.0.1:9"]}).models["m"]
     usage = Usage(20, 64)
 

@@ -13,6 +13,7 @@ from edge.upstream import (
     Malformed,
     TimedOut,
     UpstreamPool,
+    render_headers,
 )
 from tests.procs import free_port
 
@@ -73,7 +74,8 @@ async def pool():
 
 
 async def post(pool: UpstreamPool, url: str, headers=(), head_s: float = 2.0):
-    return await pool.post(url, "/v1/x?a=1", list(headers), b'{"model":"m"}', head_s)
+    block = render_headers(list(headers))
+    return await pool.post(url, "/v1/x?a=1", block, b'{"model":"m"}', head_s)
 
 
 async def test_keep_alive_reuses_one_connection_and_sends_exact_request(pool):
@@ -168,7 +170,7 @@ async def test_malformed_response_and_smuggling_headers(pool):
     with pytest.raises(Malformed):
         await post(pool, url, [("X-A", "1\r\nX-Injected: yes")])
     with pytest.raises(Malformed):
-        await pool.post(url, "/v1/x HTTP/1.1\r\nX: y", [], b"", 1)
+        await pool.post(url, "/v1/x HTTP/1.1\r\nX: y", b"", b"", 1)
     await server.close()
 
 
@@ -245,3 +247,62 @@ async def test_connect_refused(pool):
     with pytest.raises(ConnectFailed, match="connect failed"):
         await post(pool, f"http://127.0.0.1:{free_port()}")
     assert "open=0" in repr(pool)
+
+
+async def test_pipe_hands_every_piece_to_the_sink_and_pauses_on_request(pool):
+    pieces = [b"data: %d\n\n" % i for i in range(50)]
+
+    async def stream(reader, writer, n):
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in pieces:
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.002)
+        writer.write(b"0\r\n\r\n")
+        return True
+
+    server = Server(stream)
+    url = await server.start()
+    resp = await post(pool, url)
+    first = await resp.readany()
+    got: list[bytes] = []
+    resp.pause_reading()  # the client lags: nothing arrives while paused
+    ended = resp.pipe(got.append)
+    await asyncio.sleep(0.1)
+    held = len(got)
+    resp.resume_reading()
+    await asyncio.wait_for(ended, 5)
+    assert held <= 2  # at most what was already buffered before the pause took effect
+    assert first + b"".join(got) == b"".join(pieces)
+    assert resp.piped == len(b"".join(got)) and resp.last == got[-1]
+    resp.close()
+    assert "idle=1" in repr(pool)  # read to the end: the connection went back to the pool
+    await server.close()
+
+
+async def test_pipe_fails_on_an_idle_gap_and_on_a_cut_body(pool):
+    calls = 0
+
+    async def stall(reader, writer, n):
+        nonlocal calls
+        calls += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab")
+        await writer.drain()
+        if calls == 1:
+            await asyncio.sleep(5)  # a gap longer than the read timeout
+        return False  # the second: closed with 8 bytes missing
+
+    server = Server(stall)
+    url = await server.start()
+    resp = await post(pool, url)
+    resp.read_timeout = 0.3
+    got: list[bytes] = []
+    with pytest.raises(TimedOut):
+        await asyncio.wait_for(resp.pipe(got.append), 5)
+    assert b"".join(got) == b"ab"
+    resp.close()
+    resp = await post(pool, url)
+    with pytest.raises(Disconnected):
+        await asyncio.wait_for(resp.pipe(got.append), 5)
+    resp.close()
+    await server.close()
