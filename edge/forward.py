@@ -11,6 +11,7 @@ relay owns the outcome.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import ssl
 import time
@@ -145,11 +146,22 @@ def client_head(upstream: UpstreamResponse) -> bytes:
     )
 
 
-def request_id(request: Request) -> str:
-    rid = request.headers.get("X-Request-ID")
-    if rid and len(rid) <= 128 and rid.isprintable():
-        return rid
-    return os.urandom(12).hex()
+class RequestIds:
+    """A request's id: the client's X-Request-ID when sane, else a fresh one made of a random
+    per-process prefix and a counter (os.urandom per request is a system call)."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._next = itertools.count(1)
+
+    def __call__(self, request: Request) -> str:
+        rid = request.headers.get("X-Request-ID")
+        if rid and len(rid) <= 128 and rid.isprintable():
+            return rid
+        return f"{self._prefix}{next(self._next):012x}"
+
+    def __repr__(self) -> str:
+        return f"<RequestIds {self._prefix}>"
 
 
 class Upstream:

@@ -130,7 +130,7 @@ class Request:
             self._expect = False
             self.conn.write_raw(_CONTINUE)
         while not self._complete:
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self.conn.loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -262,6 +262,8 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: Server) -> None:
         self.server = server
+        # Cached: asyncio.get_running_loop() makes a getpid() system call each time.
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer = ""
@@ -395,7 +397,7 @@ class Connection(asyncio.Protocol):
 
     def _start(self, request: Request) -> None:
         self._started = self._chunked = self._ended = False
-        self.task = asyncio.get_running_loop().create_task(self._run(request))
+        self.task = self.loop.create_task(self._run(request))
 
     async def _run(self, request: Request) -> None:
         try:
@@ -500,7 +502,7 @@ class Connection(asyncio.Protocol):
     async def drain(self) -> None:
         """Wait while the client's socket buffer is above its high-water mark."""
         while self._write_paused and not self.closed:
-            self._drain = asyncio.get_running_loop().create_future()
+            self._drain = self.loop.create_future()
             try:
                 await self._drain
             finally:

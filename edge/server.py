@@ -20,7 +20,7 @@ from edge.auth import Admission, Gate, Principal, passthrough_check
 from edge.config import LogSettings, ServerSettings
 from edge.errors import EdgeError, MethodNotAllowed, NotFound
 from edge.fleet import Fleet, FleetView
-from edge.forward import Forwarder, request_id, upstream_headers
+from edge.forward import Forwarder, RequestIds, upstream_headers
 from edge.health import describe
 from edge.http1 import Reply, Request
 from edge.metrics import CONTENT_TYPE, Metrics, Observation, Usage
@@ -148,6 +148,7 @@ class EdgeHandler:
         self.balancer = forwarder.balancer
         self.metrics = metrics
         self.settings = settings
+        self.request_id = RequestIds()
         local = _Local(view, metrics, life)
         self._local: dict[str, Handler] = {
             "/v1/models": local.models,
@@ -178,7 +179,7 @@ class EdgeHandler:
 
     async def _proxy(self, request: Request) -> None:
         started = time.monotonic()
-        rid = request_id(request)
+        rid = self.request_id(request)
         model, route = "", "unknown"
         asked, bytes_in, exchange_at = "", 0, 0.0  # for the final observation
         gate, status = self.gate, 499

@@ -95,8 +95,8 @@ class UpstreamResponse:
 
     __slots__ = (
         "status", "reason", "headers", "raw_headers", "read_timeout", "piped", "last", "prev",
-        "_conn", "_buf", "_size", "_eof", "_exc", "_waiter", "_paused", "_deadline", "_sink",
-        "_ended", "_fed_at", "_idle",
+        "_conn", "_loop", "_buf", "_size", "_eof", "_exc", "_waiter", "_paused", "_deadline",
+        "_sink", "_ended", "_fed_at", "_idle",
     )  # fmt: skip
 
     def __init__(
@@ -109,6 +109,7 @@ class UpstreamResponse:
         self.raw_headers = raw_headers  # as received, for relaying without re-encoding
         self.read_timeout = 60.0
         self._conn = conn
+        self._loop = conn.loop
         self._buf: list[bytes] = []
         self._size = 0
         self._eof = False
@@ -154,7 +155,7 @@ class UpstreamResponse:
         switch per piece; the future ends with the body (UpstreamError if it broke). Reads
         pause and resume through `pause_reading`/`resume_reading` (the client's flow control),
         and a gap longer than `read_timeout` fails the body."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._ended = ended = loop.create_future()
         if self._buf:
             data = self._take()
@@ -176,7 +177,7 @@ class UpstreamResponse:
         # One timer per gap instead of one per piece: re-armed for what is left of the gap.
         left = self._fed_at + self.read_timeout - _now()
         if left > 0:
-            self._idle = asyncio.get_running_loop().call_later(left, self._idle_check)
+            self._idle = self._loop.call_later(left, self._idle_check)
         else:
             self._idle = None
             self._timed_out()
@@ -204,8 +205,7 @@ class UpstreamResponse:
 
     def set_deadline(self, seconds: float) -> None:
         """Fail the body (and close the connection) `seconds` from now unless it ended."""
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.call_later(seconds, self._expired, "the total timeout passed")
+        self._deadline = self._loop.call_later(seconds, self._expired, "the total timeout passed")
 
     def _expired(self, reason: str) -> None:
         if not self._eof:
@@ -227,7 +227,7 @@ class UpstreamResponse:
             conn.finish(reusable=self._eof and self._exc is None)
 
     async def _wait(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._waiter = waiter = loop.create_future()
         timer = loop.call_later(self.read_timeout, self._timed_out)
         try:
@@ -291,6 +291,8 @@ class _Conn(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool, origin: _Origin) -> None:
         self.pool = pool
+        # Cached: asyncio.get_running_loop() makes a getpid() system call each time.
+        self.loop = asyncio.get_running_loop()
         self.origin = origin
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -377,7 +379,7 @@ class _Conn(asyncio.Protocol):
 
     def send(self, data: bytes) -> asyncio.Future[UpstreamResponse]:
         assert self.transport is not None
-        self.waiter = asyncio.get_running_loop().create_future()
+        self.waiter = self.loop.create_future()
         self.response = None
         self.received = False
         self.uses += 1
@@ -464,8 +466,7 @@ class UpstreamPool:
 
     async def _exchange(self, conn: _Conn, request: bytes, timeout_s: float) -> UpstreamResponse:
         waiter = conn.send(request)
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(timeout_s, _expire, conn, waiter)
+        timer = conn.loop.call_later(timeout_s, _expire, conn, waiter)
         try:
             return await waiter
         except asyncio.CancelledError:
