@@ -264,9 +264,17 @@ class Forwarder:
                     self.metrics.retry_denied(preq.model)
                     break
                 tried.append(host)
+                leases.take(host)
+                hedge = self.balancer.hedge_delay(host, hosts, decision)
                 try:
-                    up = await self._race(host, preq, headers, hosts, tried, decision, leases)
+                    if hedge is None or decision is None:
+                        up = await self._open(host, preq, headers)
+                    else:
+                        up = await self._race(
+                            host, preq, headers, hosts, tried, decision, leases, hedge
+                        )
                 except UpstreamFailure as failure:
+                    leases.release(host)
                     reasons.append(f"{host.url}: {failure.reason}")
                     continue
                 up.attempt = len(tried)
@@ -290,21 +298,13 @@ class Forwarder:
             up.leases = None
 
     async def _race(
-        self, host: Host, preq: ProxyRequest, headers: bytes,
-        hosts: Sequence[Host], tried: list[Host], decision: Decision | None, leases: _Leases,
+        self, host: Host, preq: ProxyRequest, headers: bytes, hosts: Sequence[Host],
+        tried: list[Host], decision: Decision, leases: _Leases, delay: float,
     ) -> Upstream:  # fmt: skip
-        """Open `host`. When routing allows a hedge (balance.hedge_delay: off by default) and no
-        first byte came within the host's recent p95, open a second host too: the first to send
-        a byte wins and the other is cancelled at once. A failure of `host` itself is raised;
-        a failed hedge only adds its reason to the primary's."""
-        leases.take(host)
-        delay = self.balancer.hedge_delay(host, hosts, decision)
-        if delay is None or decision is None:
-            try:
-                return await self._open(host, preq, headers)
-            except UpstreamFailure:
-                leases.release(host)
-                raise
+        """Open `host`, hedged (balance.hedge_delay: off by default): when no first byte came
+        within `delay` (the host's recent p95), open a second host too: the first to send a
+        byte wins and the other is cancelled at once. A failure of `host` itself is raised; a
+        failed hedge only adds its reason to the primary's."""
         attempts = {asyncio.create_task(self._open(host, preq, headers)): host}
         winner: Upstream | None = None
         try:
@@ -320,44 +320,26 @@ class Forwarder:
         finally:
             for task in attempts:
                 if not task.done():
-                    task.cancel()  # its _attempt closes the response; nothing is observed
+                    task.cancel()  # its _open closes the response; nothing is observed
                 elif not task.cancelled() and not task.exception() and task.result() is not winner:
                     task.result().response.close()  # opened too, but lost by a hair
                 task.add_done_callback(_retrieve)
 
     async def _open(self, host: Host, preq: ProxyRequest, headers: bytes) -> Upstream:
+        """One attempt on `host`, up to its first body byte; UpstreamFailure when it fails."""
         started = time.monotonic()
         self.health.started(host)  # on a host that is not up, this attempt is its trial
         # Routing sees how long this host keeps an attempt waiting for a first byte
         # (stats.waited): a stalling host is avoided while it stalls, not only after it answered.
         token = host.stats.waiting(started)
-        try:
-            up = await self._attempt(host, preq, headers, started)
-        except UpstreamFailure as failure:
-            self._failed(host, preq, failure.reason, "http_5xx", started, failure.counts)
-            raise
-        except (UpstreamError, TimeoutError, OSError) as exc:
-            outcome, reason, counts = _outcome(exc)
-            self._failed(host, preq, reason, outcome, started, counts)
-            raise UpstreamFailure(reason, counts=counts) from None
-        except BaseException:
-            self.health.released(host)  # cancelled (client gone, hedge lost): no verdict
-            raise
-        finally:
-            host.stats.answered(token)
-        self.health.succeeded(host)
-        return up
-
-    async def _attempt(
-        self, host: Host, preq: ProxyRequest, headers: bytes, started: float
-    ) -> Upstream:
         t = self._timeouts.get(preq.model) or self._timeouts[""]
         if self.credentials is not None:
             headers = headers + render_headers(self.credentials(preq, host))
-        response = await self.pool.post(
-            host.url, preq.target, headers, preq.body, t.first_byte_s, t.connect_s
-        )
+        response: UpstreamResponse | None = None
         try:
+            response = await self.pool.post(
+                host.url, preq.target, headers, preq.body, t.first_byte_s, t.connect_s
+            )
             if t.total_s:
                 response.set_deadline(max(0.0, t.total_s - (time.monotonic() - started)))
             status = response.status
@@ -365,17 +347,36 @@ class Forwarder:
                 # 502/503/504 say the host is broken; 429 (busy) and 500 (maybe this request)
                 # move the request on without counting against the host.
                 raise UpstreamFailure(f"HTTP {status}", counts=status in (502, 503, 504))
-            response.read_timeout = t.first_byte_s
-            try:
-                first = await response.readany()
-            except TimedOut:
-                raise TimedOut("timed out before the first byte") from None
+            if response.buffered:
+                first = response.take()  # the body came with the head: no wait
+            else:
+                response.read_timeout = t.first_byte_s
+                try:
+                    first = await response.readany()
+                except TimedOut:
+                    raise TimedOut("timed out before the first byte") from None
             # Past the first byte, a stall is judged by the idle timeout instead.
             response.read_timeout = t.idle_s
-            return Upstream(host, response, first, started)
-        except BaseException:
-            response.close()
+        except UpstreamFailure as failure:
+            if response is not None:
+                response.close()
+            self._failed(host, preq, failure.reason, "http_5xx", started, failure.counts)
             raise
+        except (UpstreamError, TimeoutError, OSError) as exc:
+            if response is not None:
+                response.close()
+            outcome, reason, counts = _outcome(exc)
+            self._failed(host, preq, reason, outcome, started, counts)
+            raise UpstreamFailure(reason, counts=counts) from None
+        except BaseException:
+            if response is not None:
+                response.close()
+            self.health.released(host)  # cancelled (client gone, hedge lost): no verdict
+            raise
+        finally:
+            host.stats.answered(token)
+        self.health.succeeded(host)
+        return Upstream(host, response, first, started)
 
     @property
     def stale_retries(self) -> int:

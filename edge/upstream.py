@@ -134,6 +134,14 @@ class UpstreamResponse:
     def complete(self) -> bool:
         return self._eof and not self._buf
 
+    @property
+    def buffered(self) -> bool:
+        """Body bytes are waiting (`take` hands them over without a wait)."""
+        return bool(self._buf)
+
+    def take(self) -> bytes:
+        return self._take()
+
     async def readany(self) -> bytes:
         """Everything buffered so far; b"" at the end. Raises UpstreamError on a broken body."""
         if not self._buf and not self._eof and self._exc is None:
