@@ -197,6 +197,8 @@ def _gemini_prefix(system: Any, contents: list[Any], limit: int) -> bytes | None
 def _clip(value: Any, limit: int) -> bytes:
     """The strings inside `value` (depth first, in document order), joined, cut at `limit`
     bytes; never serialises more than it keeps, so a 10 MB image part costs nothing."""
+    if isinstance(value, str):  # the usual message content
+        return value[:limit].encode()[:limit]
     out: list[bytes] = []
     budget = limit
     stack = [value]

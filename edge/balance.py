@@ -242,7 +242,9 @@ class Balancer:
             return False
         if stats.waited(now) > max(_STALL_S, 4 * stats.ttfb_ewma):
             return False
-        total = sum(load(h) for h in pool)
+        total = 0
+        for h in pool:
+            total += h.inflight + h.stats.remote_inflight  # load(h), inlined: every request
         return load(host) < math.ceil(self.settings.load_factor * (total + 1) / len(pool))
 
     def _tier(self, decision: Decision, pool: Sequence[Host]) -> Sequence[Host]:

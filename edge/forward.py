@@ -23,6 +23,7 @@ from edge.balance import Balancer, Decision
 from edge.config import HealthSettings, ModelTimeouts, OutlierSettings, UpstreamSettings
 from edge.errors import Unavailable, UpstreamFailure
 from edge.fleet import UP, Host
+from edge.heads import HOP_BY_HOP
 from edge.health import Health, RetryBudget, candidates, fallback, why
 from edge.http1 import Request
 from edge.metrics import Metrics, Observation
@@ -36,13 +37,6 @@ from edge.upstream import (
     render_headers,
 )
 
-# RFC 9110 7.6.1 connection-specific fields, plus those that describe one hop's framing.
-HOP_BY_HOP = frozenset(
-    {
-        "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-        "upgrade", "proxy-authorization", "proxy-authenticate",
-    }
-)  # fmt: skip
 # Set by the edge itself on the upstream request (the body may have been decoded by the server).
 _REQUEST_OWNED = frozenset(
     {"host", "content-length", "content-encoding", "x-forwarded-for", "x-forwarded-proto",
@@ -52,8 +46,6 @@ _REQUEST_OWNED = frozenset(
 _CLIENT_KEYS = frozenset({"authorization", "x-api-key", "x-goog-api-key"})
 _DROP_UP = frozenset(n.encode() for n in HOP_BY_HOP | _REQUEST_OWNED)
 _DROP_UP_KEYED = _DROP_UP | frozenset(n.encode() for n in _CLIENT_KEYS)
-# The client gets the edge's own framing (Content-Length or chunked), never the upstream's.
-_DROP_DOWN = frozenset(n.encode() for n in HOP_BY_HOP | {"content-length"})
 
 OK_OUTCOME = "ok"
 
@@ -133,17 +125,6 @@ def upstream_headers(
     # llhttp keeps an obsolete line fold inside a value: refused rather than passed on.
     check_lines(block, len(kept))
     return block + render_headers(own)
-
-
-def client_head(upstream: UpstreamResponse) -> bytes:
-    """The upstream's end-to-end headers, rendered from the bytes it sent."""
-    drop = _DROP_DOWN
-    listed = upstream.headers.get("Connection")
-    if listed:
-        drop = drop | {t.strip().lower().encode() for t in listed.split(",")}
-    return b"".join(
-        [n + b": " + v + b"\r\n" for n, v in upstream.raw_headers if n.lower() not in drop]
-    )
 
 
 class RequestIds:

@@ -345,14 +345,13 @@ class Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._grow(len(url))
+        self._head_size += len(url)
+        if self._head_size > _MAX_HEAD:
+            raise _HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._raw.append((name, value))
-        self._grow(len(name) + len(value))
-
-    def _grow(self, n: int) -> None:
-        self._head_size += n
+        self._head_size += len(name) + len(value)
         if self._head_size > _MAX_HEAD:
             raise _HeadTooLarge
 

@@ -21,7 +21,7 @@ import time
 
 import orjson
 
-from edge.forward import Upstream, client_head
+from edge.forward import Upstream
 from edge.http1 import Request
 from edge.metrics import Usage
 from edge.route import ANTHROPIC, GEMINI
@@ -61,7 +61,7 @@ async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> R
     """`extra`: the edge's own response headers, rendered, added after the upstream's."""
     upstream, conn, first = up.response, request.conn, up.first
     status = upstream.status
-    head = client_head(upstream) + extra
+    head = upstream.head.relayed + extra
     if upstream.complete:
         conn.start(request, status, upstream.reason, head, len(first), first)
         conn.end()
@@ -127,16 +127,19 @@ def read_usage(head: bytes, tail: bytes) -> Usage | None:
 
 
 def _last_usage(data: bytes) -> dict[str, object] | None:
-    found = None
-    for found in _USAGE.finditer(data):  # noqa: B007 - the last match is the one wanted
-        pass
-    if found is None:
-        return None
-    try:
-        doc = orjson.loads(found.group(1))
-    except orjson.JSONDecodeError:
-        return None
-    return doc if isinstance(doc, dict) else None
+    """The last usage object in `data`: found from the end with rfind (C speed), and only
+    there matched by the regex, instead of scanning the whole body with it."""
+    at = data.rfind(b'"usage')
+    while at >= 0:
+        found = _USAGE.match(data, at)
+        if found is not None:
+            try:
+                doc = orjson.loads(found.group(1))
+            except orjson.JSONDecodeError:
+                return None
+            return doc if isinstance(doc, dict) else None
+        at = data.rfind(b'"usage', 0, at)
+    return None
 
 
 def _first_int(doc: dict[str, object], keys: tuple[str, ...]) -> int | None:

@@ -36,6 +36,8 @@ import httptools
 from aiohttp.abc import AbstractResolver
 from multidict import CIMultiDict
 
+from edge import heads
+
 _HIGH_WATER = 256 * 1024  # buffered body bytes before the socket stops being read
 _DNS_TTL_S = 60.0
 _now = time.monotonic
@@ -94,19 +96,20 @@ class UpstreamResponse:
     """The head of an upstream response and a reader for its body."""
 
     __slots__ = (
-        "status", "reason", "headers", "raw_headers", "read_timeout", "piped", "last", "prev",
+        "status", "reason", "_headers", "block", "head", "read_timeout", "piped",
+        "last", "prev",
         "_conn", "_loop", "_buf", "_size", "_eof", "_exc", "_waiter", "_paused", "_deadline",
         "_sink", "_ended", "_fed_at", "_idle",
     )  # fmt: skip
 
     def __init__(
-        self, conn: _Conn, status: int, reason: str, headers: CIMultiDict[str],
-        raw_headers: list[tuple[bytes, bytes]],
-    ) -> None:  # fmt: skip
+        self, conn: _Conn, status: int, reason: str, block: bytes, head: heads.Head
+    ) -> None:
         self.status = status
         self.reason = reason
-        self.headers = headers
-        self.raw_headers = raw_headers  # as received, for relaying without re-encoding
+        self.block = block  # the header lines as received
+        self.head = head  # what the relay needs of them (edge/heads.py)
+        self._headers: CIMultiDict[str] | None = None
         self.read_timeout = 60.0
         self._conn = conn
         self._loop = conn.loop
@@ -126,9 +129,15 @@ class UpstreamResponse:
         self.last = self.prev = b""  # the last two pieces piped, where a stream's usage is
 
     @property
+    def headers(self) -> CIMultiDict[str]:
+        """The head, decoded on first use: relaying a response never needs it."""
+        if self._headers is None:
+            self._headers = heads.decode(self.block)
+        return self._headers
+
+    @property
     def content_length(self) -> int | None:
-        value = self.headers.get("Content-Length")
-        return int(value) if value is not None and value.isdigit() else None
+        return self.head.length
 
     @property
     def complete(self) -> bool:
@@ -306,7 +315,7 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.response: UpstreamResponse | None = None
         self.waiter: asyncio.Future[UpstreamResponse] | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.head = b""  # bytes of the response head, gathered until the parser has it all
         self.reason = ""
         self.received = False  # any byte of the current response
         self.keep_alive = False
@@ -322,6 +331,8 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received = True
+        if self.response is None:
+            self.head += data  # the head is relayed from these bytes (edge/heads.py)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -344,28 +355,20 @@ class _Conn(asyncio.Protocol):
                 response._fail(Disconnected("connection closed in the middle of the response"))
         self.pool.forget(self)
 
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self.headers = []
-
+    # httptools callbacks (no on_header: the parser then makes no Python call per field)
     def on_status(self, status: bytes) -> None:
         self.reason = status.decode("latin-1")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if status < 200:
             return  # 1xx interim answers are not the response
         self.keep_alive = self.parser.should_keep_alive()
-        raw = self.headers
-        headers = CIMultiDict(
-            [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in raw]
-        )
-        framed = "Content-Length" in headers or "Transfer-Encoding" in headers
-        self.close_delimited = not framed
-        self.response = UpstreamResponse(self, status, self.reason, headers, raw)
+        block = _head_block(self.head)
+        self.head = b""
+        head = self.pool.heads.get(block)
+        self.close_delimited = not head.framed
+        self.response = UpstreamResponse(self, status, self.reason, block, head)
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(self.response)
@@ -389,6 +392,7 @@ class _Conn(asyncio.Protocol):
         assert self.transport is not None
         self.waiter = self.loop.create_future()
         self.response = None
+        self.head = b""
         self.received = False
         self.uses += 1
         self.transport.write(data)
@@ -443,6 +447,7 @@ class UpstreamPool:
         )
         self._dns: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._conns: set[_Conn] = set()
+        self.heads = heads.HeadCache()
         self.connects = 0
         self.stale_retries = 0
 
@@ -586,6 +591,21 @@ class UpstreamPool:
             f"<UpstreamPool open={len(self._conns)} idle={idle} connects={self.connects} "
             f"stale_retries={self.stale_retries}>"
         )
+
+
+def _head_block(raw: bytes) -> bytes:
+    """The header lines of the final response head at the start of `raw` (after any 1xx)."""
+    while raw[9:10] == b"1" and raw.startswith(b"HTTP/"):  # interim: "HTTP/1.1 1xx ..."
+        end = raw.find(b"\r\n\r\n")
+        if end < 0:
+            break
+        raw = raw[end + 4 :]
+    block = heads.split(raw)
+    if block is None:  # lines ended by a bare LF, which the parser tolerates
+        block = heads.split(raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")) or b""
+    if b"\n " in block or b"\n\t" in block:  # obsolete line folding, unfolded (RFC 9112 5.2)
+        block = block.replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ")
+    return block
 
 
 def _expire(conn: _Conn, waiter: asyncio.Future[UpstreamResponse]) -> None:

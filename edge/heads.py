@@ -1,0 +1,107 @@
+"""HTTP/1.1 response heads kept as the bytes that arrived, and what the relay needs from them.
+
+An upstream response's head is relayed to the client nearly as it came (hop-by-hop fields
+out, the edge's own framing in). Decoding each field into Python strings and back costs a
+Python call per field on every response; instead the head's block of "Name: value\\r\\n" lines
+is kept as bytes and read once per distinct block: a server answers with the same head over and
+over (only its Date moves, once a second), so `HeadCache` makes the usual response a single
+dictionary lookup. The parser (llhttp) has already validated every head these helpers see.
+"""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict
+
+# RFC 9110 7.6.1 connection-specific fields, plus those that describe one hop's framing.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+        "upgrade", "proxy-authorization", "proxy-authenticate",
+    }
+)  # fmt: skip
+# The client gets the edge's own framing (Content-Length or chunked), never the upstream's.
+_NOT_RELAYED = frozenset(n.encode() for n in HOP_BY_HOP | {"content-length"})
+_OPTIONS = frozenset({b"close", b"keep-alive", b""})  # Connection values that name no field
+
+
+class Head:
+    """What the relay needs from one response head."""
+
+    __slots__ = ("relayed", "length", "framed")
+
+    def __init__(self, relayed: bytes, length: int | None, framed: bool) -> None:
+        self.relayed = relayed  # the end-to-end header lines, as the server sent them
+        self.length = length  # Content-Length, if any
+        self.framed = framed  # Content-Length or Transfer-Encoding (else: ends at close)
+
+    def __repr__(self) -> str:
+        return f"<Head length={self.length} framed={self.framed}>"
+
+
+def read(block: bytes) -> Head:
+    lines = block.split(b"\r\n")
+    kept: list[tuple[bytes, bytes]] = []
+    listed: set[bytes] = set()
+    length: int | None = None
+    framed = False
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        lowered = name.strip().lower()
+        if lowered in _NOT_RELAYED:
+            value = value.strip()
+            if lowered == b"content-length":
+                framed = True
+                length = int(value) if value.isdigit() else None
+            elif lowered == b"transfer-encoding":
+                framed = True
+            elif lowered == b"connection":
+                listed.update(t.strip().lower() for t in value.split(b","))
+        else:
+            kept.append((lowered, line))
+    listed -= _OPTIONS
+    relayed = b"".join([line + b"\r\n" for lowered, line in kept if lowered not in listed])
+    return Head(relayed, length, framed)
+
+
+class HeadCache:
+    """block -> Head, for the blocks seen lately (cleared whole when full: a bound, not an LRU;
+    the blocks that matter come back within a second)."""
+
+    def __init__(self, size: int = 512) -> None:
+        self.size = size
+        self._seen: dict[bytes, Head] = {}
+        self.hits = self.misses = 0
+
+    def get(self, block: bytes) -> Head:
+        head = self._seen.get(block)
+        if head is None:
+            self.misses += 1
+            if len(self._seen) >= self.size:
+                self._seen.clear()
+            head = self._seen[block] = read(block)
+        return head
+
+    def __repr__(self) -> str:
+        return f"<HeadCache entries={len(self._seen)} misses={self.misses}>"
+
+
+def split(raw: bytes) -> bytes | None:
+    """The block of header lines (each ending in CRLF) of the head at the start of `raw`, or
+    None when `raw` holds no complete CRLF-framed head."""
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    line_end = raw.find(b"\r\n")
+    return b"" if line_end == end else raw[line_end + 2 : end + 2]
+
+
+def decode(block: bytes) -> CIMultiDict[str]:
+    """The fields of `block` as strings, for code that looks them up by name (not the relay)."""
+    fields: CIMultiDict[str] = CIMultiDict()
+    for line in block.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            fields.add(name.strip().decode("latin-1"), value.strip().decode("utf-8", "replace"))
+    return fields
