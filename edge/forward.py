@@ -33,7 +33,6 @@ from edge.upstream import (
     UpstreamError,
     UpstreamPool,
     UpstreamResponse,
-    check_lines,
     render_headers,
 )
 
@@ -105,8 +104,9 @@ def upstream_headers(
     request: Request, request_id: str, credentials: list[tuple[str, str]] | None = None
 ) -> bytes:
     """The header block sent upstream, rendered once per request from the bytes the client
-    sent. `credentials` None passes the client's key on (passthrough); a list (maybe empty)
-    replaces every client key header with it (the edge checked the key itself)."""
+    sent (llhttp refused any CR, LF or line fold in them). `credentials` None passes the
+    client's key on (passthrough); a list (maybe empty) replaces every client key header with
+    it (the edge checked the key itself)."""
     headers = request.headers
     drop = _DROP_UP if credentials is None else _DROP_UP_KEYED
     listed = headers.get("Connection")
@@ -115,16 +115,15 @@ def upstream_headers(
     kept = [n + b": " + v + b"\r\n" for n, v in request.raw_headers if n.lower() not in drop]
     prior = headers.get("X-Forwarded-For")
     peer = request.remote
-    own = [
-        ("X-Forwarded-For", f"{prior}, {peer}" if prior else peer),
-        ("X-Forwarded-Proto", request.scheme),
-        ("X-Request-ID", request_id),
-        *(credentials or ()),
-    ]
-    block = b"".join(kept)
-    # llhttp keeps an obsolete line fold inside a value: refused rather than passed on.
-    check_lines(block, len(kept))
-    return block + render_headers(own)
+    forwarded = f"{prior}, {peer}" if prior else peer
+    # request_id is printable (checked) and the peer an address: nothing here breaks a line.
+    kept.append(
+        b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\nX-Request-ID: %b\r\n"
+        % (forwarded.encode("utf-8", "surrogateescape"), request_id.encode("utf-8", "replace"))
+    )
+    if credentials:
+        kept.append(render_headers(credentials))
+    return b"".join(kept)
 
 
 class RequestIds:

@@ -136,7 +136,8 @@ def main() -> None:
     per = uvloop.run(run(args.requests, args.rounds, args.stream))
     unit = "relayed chunk" if args.stream else "request"
     shown = " ".join(f"{v:.1f}" for v in per)
-    print(f"{statistics.median(per):.1f} us of Python CPU per {unit} (min {min(per):.1f}; rounds: {shown})")
+    median = statistics.median(per)
+    print(f"{median:.1f} us of Python CPU per {unit} (min {min(per):.1f}; rounds: {shown})")
 
 
 if __name__ == "__main__":
