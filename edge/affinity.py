@@ -199,6 +199,8 @@ def _clip(value: Any, limit: int) -> bytes:
     bytes; never serialises more than it keeps, so a 10 MB image part costs nothing."""
     if isinstance(value, str):  # the usual message content
         return value[:limit].encode()[:limit]
+    if not value:  # no system prompt: an empty list
+        return b""
     out: list[bytes] = []
     budget = limit
     stack = [value]

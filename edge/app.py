@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -166,6 +167,10 @@ def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
 async def serve_worker(config: Config, config_path: str | None, sock: socket.socket) -> int:
     worker = Worker(config, config_path)
     await worker.start(sock)
+    # What startup built (modules, config, the fleet) lives as long as the worker: kept out of
+    # every collection, so a full one walks only what requests made (no 10 ms pause at p99).
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

@@ -211,6 +211,8 @@ class Balancer:
                 decision.target = held if held in pool and self._fits(held, pool, now) else None
                 decision.affinity = "cookie_hit" if decision.target is not None else "moved"
                 return
+        if len(pool) == 1:
+            return  # one server: no key can choose another (the cookie still names it)
         s = self.settings
         found = affinity_key(doc, headers.get(s.session_header), s.prefix_bytes)
         if found is None:
@@ -371,7 +373,8 @@ class Balancer:
         if decision.pinned or not decision.rules.affinity:
             return None
         hid = self.ids.get(host.url)[0]
-        ids = (hid, *(i for i in decision.cookie_ids if i != hid))
+        held = decision.cookie_ids
+        ids = (hid, *(i for i in held if i != hid)) if held else (hid,)
         # Signing costs an HMAC per response; within one second the value is the same.
         second = int(self.wall())
         if second != self._cookie_second:

@@ -310,10 +310,14 @@ def test_workers_share_one_in_flight_table_and_remove_it_on_exit(procs, tmp_path
     port = free_port()
     edge = procs.edge(port, "--workers", "2", "--config", str(_config(tmp_path, mock_url)))
     path = f"/dev/shm/edge-load-{edge.pid}-{port}"
+    size = 4 * 4096 * 4  # two rows per worker, int32 cells
     deadline = time.monotonic() + 10
-    while not os.path.exists(path) and time.monotonic() < deadline:
+    # The file is created, then sized: wait for both (a check in between would see 0 bytes).
+    while time.monotonic() < deadline:
+        if os.path.exists(path) and os.path.getsize(path) == size:
+            break
         time.sleep(0.05)
-    assert os.path.getsize(path) == 4 * 4096 * 4  # two rows per worker, int32 cells
+    assert os.path.getsize(path) == size
     edge.send_signal(signal.SIGTERM)
     edge.wait(timeout=20)
     assert not os.path.exists(path)
