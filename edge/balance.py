@@ -277,6 +277,9 @@ class Balancer:
     def _by_policy(
         self, hosts: Sequence[Host], exclude: Collection[Host], decision: Decision | None
     ) -> Host | None:
+        if len(hosts) == 1 and not exclude:  # nothing to weigh
+            only = hosts[0]
+            return only if getattr(only, "routable", True) else None
         pool: Sequence[Host] = routable(hosts)
         if exclude:
             pool = [h for h in pool if h not in exclude]

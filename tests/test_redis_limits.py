@@ -200,9 +200,11 @@ async def _post(session: aiohttp.ClientSession, base: str, key: str) -> tuple[in
 
 async def test_two_edges_enforce_one_limit(redis_server, procs, tmp_path, start_mock) -> None:  # noqa: F811
     mock = await start_mock()
-    started = _edges(procs, tmp_path, mock, redis_server.url, "fail_closed", "fail_closed")
-    key, (edges, bases) = await asyncio.gather(
-        asyncio.to_thread(_cli, redis_server.url, "create", "--name", "t", "--rpm", "10"), started
+    # The key exists before the edges start: each loads the store once before it accepts a
+    # request, and only sees later keys at its next reload.
+    key = await asyncio.to_thread(_cli, redis_server.url, "create", "--name", "t", "--rpm", "10")
+    edges, bases = await _edges(
+        procs, tmp_path, mock, redis_server.url, "fail_closed", "fail_closed"
     )
     async with aiohttp.ClientSession() as session:
         results = await asyncio.gather(*(_post(session, bases[i % 2], key) for i in range(20)))
