@@ -149,6 +149,7 @@ class EdgeHandler:
         self.metrics = metrics
         self.settings = settings
         self.request_id = RequestIds()
+        self._cookie: tuple[str | None, bytes] = (None, b"")  # the last Set-Cookie, rendered
         local = _Local(view, metrics, life)
         self._local: dict[str, Handler] = {
             "/v1/models": local.models,
@@ -204,16 +205,18 @@ class EdgeHandler:
             exchange_at = time.monotonic()
             up = await self.forwarder.open(preq, hosts, headers, decision)
             try:
-                extra = [f"X-Request-ID: {rid}\r\n"]
+                extra = b"X-Request-ID: %b\r\n" % rid.encode("latin-1", "replace")
                 if self.settings.expose_server:
-                    extra.append(f"X-Edge-Server: {up.host.url}\r\n")
+                    extra += b"X-Edge-Server: %b\r\n" % up.host.url.encode()
                 cookie = self.balancer.served(decision, up.host, request.secure)
-                if cookie is not None:
-                    extra.append(f"Set-Cookie: {cookie}\r\n")  # re-signed each time
+                if cookie is not None:  # re-signed each second, so rendered once a second too
+                    if cookie is not self._cookie[0]:
+                        self._cookie = (cookie, b"Set-Cookie: %b\r\n" % cookie.encode())
+                    extra += self._cookie[1]
                 if adm is not None:
-                    extra.extend(f"{name}: {value}\r\n" for name, value in adm.headers.items())
-                rendered = "".join(extra).encode("latin-1", "replace")
-                done = await relay(request, up, preq.dialect, rendered)
+                    lines = "".join(f"{name}: {value}\r\n" for name, value in adm.headers.items())
+                    extra += lines.encode("latin-1", "replace")
+                done = await relay(request, up, preq.dialect, extra)
                 status, usage = done.status, done.usage
                 first_at = up.started + up.ttfb_s  # the upstream's first body byte arrived
                 self._finish(
