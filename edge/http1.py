@@ -305,10 +305,12 @@ class Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._reject(400, "Protocol upgrades are not supported.")
-        except httptools.HttpParserError:
-            self._reject(400, "Malformed HTTP request.")
-        except _HeadTooLarge:
-            self._reject(431, "The request line and headers are over 64 KB.")
+        except httptools.HttpParserError as exc:
+            # httptools wraps an exception raised in a callback (HttpParserCallbackError).
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._reject(431, "The request line and headers are over 64 KB.")
+            else:
+                self._reject(400, "Malformed HTTP request.")
 
     def eof_received(self) -> bool:
         # A client's FIN ends the connection (as aiohttp has it): a stream it no longer reads
