@@ -374,6 +374,8 @@ class RetryBudget:
 
     def _advance(self) -> int:
         index = int(self.clock() / self._slot_s)
+        if index <= self._index:  # the same slot as the last request: the usual case
+            return self._index % self._SLOTS
         for i in range(self._index + 1, min(index, self._index + self._SLOTS) + 1):
             slot = i % self._SLOTS  # a slot that fell out of the window
             self._sum_req -= self._req[slot]

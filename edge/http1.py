@@ -275,7 +275,7 @@ class Connection(asyncio.Protocol):
         self.last_active = time.monotonic()
         self._url = b""
         self._raw: list[tuple[bytes, bytes]] = []
-        self._head_size = 0
+        self._since = 0  # bytes received since the current message began (or more)
         self._dispatched = False
         self._paused_reading = False
         self._write_paused = False
@@ -301,6 +301,7 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
+        self._since += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -311,6 +312,10 @@ class Connection(asyncio.Protocol):
                 self._reject(431, "The request line and headers are over 64 KB.")
             else:
                 self._reject(400, "Malformed HTTP request.")
+            return
+        if self.request is None and self._since > 2 * _MAX_HEAD:
+            # A head still incomplete after this much: refused before it grows any further.
+            self._reject(431, "The request line and headers are over 64 KB.")
 
     def eof_received(self) -> bool:
         # A client's FIN ends the connection (as aiohttp has it): a stream it no longer reads
@@ -341,17 +346,17 @@ class Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._head_size += len(url)
-        if self._head_size > _MAX_HEAD:
-            raise _HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # Called per field: nothing else here. The head's size is judged from the bytes that
+        # arrived (`_since`), and measured exactly only when those could exceed the limit.
         self._raw.append((name, value))
-        self._head_size += len(name) + len(value)
-        if self._head_size > _MAX_HEAD:
-            raise _HeadTooLarge
 
     def on_headers_complete(self) -> None:
+        if self._since > _MAX_HEAD:
+            size = len(self._url) + sum(len(n) + len(v) for n, v in self._raw)
+            if size > _MAX_HEAD:
+                raise _HeadTooLarge
         parser = self.parser
         request = Request(
             self, parser.get_method().decode("ascii", "replace"),
@@ -372,7 +377,7 @@ class Connection(asyncio.Protocol):
         # The next message's state starts here (no on_message_begin: one Python call less).
         self._url = b""
         self._raw = []
-        self._head_size = 0
+        self._since = 0
         request = self.request
         if request is None:
             return

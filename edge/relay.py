@@ -145,6 +145,8 @@ def _last_usage(data: bytes) -> dict[str, object] | None:
 def _first_int(doc: dict[str, object], keys: tuple[str, ...]) -> int | None:
     for key in keys:
         value = doc.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if value is None:
+            continue
+        if type(value) is int and value >= 0:  # not a bool, not a float
             return value
     return None
