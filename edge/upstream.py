@@ -321,6 +321,7 @@ class _Conn(asyncio.Protocol):
         self.keep_alive = False
         self.close_delimited = False  # decided from the head, before anyone edits the headers
         self.closed = False
+        self.paused = False  # reading, stopped for a lagging reader
         self.uses = 0
         self.idle_since = 0.0
 
@@ -402,16 +403,21 @@ class _Conn(asyncio.Protocol):
         self.waiter = None
         self.response = None
         if reusable and self.keep_alive and not self.closed:
+            # A relay paused by a slow client may have met the end of the body while paused:
+            # the next request on this connection must find it reading.
+            self.resume_reading()
             self.pool.release(self)
         else:
             self.abort()
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self.paused:
+            self.paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and self.paused:
+            self.paused = False
             self.transport.resume_reading()
 
     def abort(self) -> None:

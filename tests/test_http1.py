@@ -18,7 +18,7 @@ from email.utils import parsedate_to_datetime
 import pytest
 
 from edge.errors import PayloadTooLarge
-from edge.http1 import Connection, Reply, Request, Server
+from edge.http1 import Connection, Handler, Reply, Request, Server
 
 T = 3.0  # every read is bounded: a hung server fails the test instead of stalling the run
 
@@ -304,7 +304,8 @@ async def test_connection_close_from_client(start):
     assert await rest(reader) == b""
 
 
-async def test_client_gone_cancels_its_handler(start):
+def parked() -> tuple[Handler, asyncio.Event, asyncio.Event]:
+    """A handler that waits until cancelled: (handler, entered, cancelled)."""
     entered, cancelled = asyncio.Event(), asyncio.Event()
 
     async def handler(request: Request) -> None:
@@ -315,6 +316,11 @@ async def test_client_gone_cancels_its_handler(start):
             cancelled.set()
             raise
 
+    return handler, entered, cancelled
+
+
+async def test_client_gone_cancels_its_handler(start):
+    handler, entered, cancelled = parked()
     edge = await start(handler)
     _, writer = await edge.connect()
     writer.write(get("/"))
@@ -380,16 +386,7 @@ async def test_shutdown_lets_a_busy_connection_finish_then_closes_it(start):
 
 
 async def test_shutdown_cancels_a_handler_busy_past_the_deadline(start):
-    entered, cancelled = asyncio.Event(), asyncio.Event()
-
-    async def handler(request: Request) -> None:
-        entered.set()
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
+    handler, entered, cancelled = parked()
     edge = await start(handler)
     reader, writer = await edge.connect()
     writer.write(get("/"))

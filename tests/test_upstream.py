@@ -306,3 +306,21 @@ async def test_pipe_fails_on_an_idle_gap_and_on_a_cut_body(pool):
         await asyncio.wait_for(resp.pipe(got.append), 5)
     resp.close()
     await server.close()
+
+
+async def test_a_connection_paused_at_the_end_of_a_body_goes_back_reading(pool):
+    server = Server(await answer(OK))
+    url = await server.start()
+    resp = await post(pool, url)
+
+    def lagging(data: bytes) -> None:
+        resp.pause_reading()  # the client's buffer filled on the last piece
+
+    await asyncio.wait_for(resp.pipe(lagging), 5)
+    resp.close()
+    # The same pooled connection: still paused, it would never read this answer.
+    again = await post(pool, url, head_s=2.0)
+    assert await asyncio.wait_for(again.read(), 5) == b"ok"
+    again.close()
+    assert server.connections == 1
+    await server.close()
