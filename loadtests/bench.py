@@ -3,9 +3,11 @@
 Each proxy runs on core 0 alone; the load (wrk, the aiohttp client) and the upstreams share
 core 1. The figures (the issue's F1-F5):
 
-- F1  non-streaming requests/s at saturation: wrk, 64 connections, 10 s after a 2 s warm-up,
-      the better of two runs; proxy CPU per request = utime+stime of its process tree over
-      that run / its requests.
+- F1  non-streaming requests/s at saturation: wrk, 64 connections. Every proxy is started at
+      once (each on core 0, idle but for the one under load) and the targets take turns, one
+      5 s wrk round each, for F1_ROUNDS rounds after a warm-up: the medians are reported, so a
+      drift of the machine's speed hits every target alike. Proxy CPU per request =
+      utime+stime of its process tree over a round / its requests.
 - F2  latency at a fixed 300 requests/s (open loop), p50 and p99, minus the direct ones.
 - F3  50 concurrent SSE streams x 200 events of 180 bytes, 5 ms apart, each its own upstream
       write: proxy CPU per relayed event, time to first chunk, every byte compared.
@@ -24,6 +26,7 @@ import json
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -57,8 +60,8 @@ PATH = "/v1/chat/completions"
 POST_LUA = Path(__file__).with_name("bench") / "post.lua"
 # BENCH_QUICK=1: a smoke run of every phase in about a minute (figures too short to quote).
 QUICK = os.environ.get("BENCH_QUICK") == "1"
-F1_SECONDS, F1_WARM_SECONDS, F1_CONNECTIONS = (2, 1, 64) if QUICK else (10, 2, 64)
-F1_RUNS = 1 if QUICK else 2
+F1_SECONDS, F1_WARM_SECONDS, F1_CONNECTIONS = (2, 1, 64) if QUICK else (5, 2, 64)
+F1_ROUNDS = 1 if QUICK else 5
 F2_RATE, F2_SECONDS = 300, 1 if QUICK else 5
 F3_STREAMS, F3_CHUNKS, F3_CHUNK_MS = 50, 200, 5
 F4_SMALL, F4_BIG = 1000, 2000 if QUICK else 10000
@@ -111,20 +114,44 @@ class Core0:
         return cpu, min(100.0, max(0.0, busy - cpu) / wall * 100)
 
 
-def f1(proxy: Proc | None, url: str) -> dict[str, Any]:
-    """The best of F1_RUNS runs: other sessions' work on this machine only ever slows one."""
-    wrk(url, F1_WARM_SECONDS)
-    runs = []
-    for _ in range(F1_RUNS):
-        core = Core0(proxy)
-        result = wrk(url, F1_SECONDS)
-        cpu, result["core0_others_pct"] = core.done()
-        if proxy and result["requests"]:
-            result["cpu_us_per_req"] = cpu / result["requests"] * 1e6
-        runs.append(result)
-    best = max(runs, key=lambda r: float(r["rps"]))
-    best["runs_rps"] = [r["rps"] for r in runs]
-    return best
+def f1_round(proxy: Proc | None, url: str) -> dict[str, Any]:
+    core = Core0(proxy)
+    result = wrk(url, F1_SECONDS)
+    cpu, result["core0_others_pct"] = core.done()
+    if proxy and result["requests"]:
+        result["cpu_us_per_req"] = cpu / result["requests"] * 1e6
+    return result
+
+
+def f1(targets: dict[str, tuple[Proc | None, str]]) -> dict[str, dict[str, Any]]:
+    """F1 for every target, in turns: round r of each before round r+1 of any."""
+    for _proxy, url in targets.values():
+        wrk(url, F1_WARM_SECONDS)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    for r in range(F1_ROUNDS):
+        for name, (proxy, url) in targets.items():
+            log(f"F1 round {r + 1}/{F1_ROUNDS}: {name}")
+            runs[name].append(f1_round(proxy, url))
+    return {name: _median_run(rounds) for name, rounds in runs.items()}
+
+
+def _median_run(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    def median(key: str) -> float | None:
+        values = [float(r[key]) for r in rounds if key in r]
+        return statistics.median(values) if values else None
+
+    out: dict[str, Any] = {
+        "rps": median("rps"),
+        "errors": sum(int(r["errors"]) for r in rounds),
+        "requests": sum(int(r["requests"]) for r in rounds),
+        "core0_others_pct": median("core0_others_pct"),
+        "runs_rps": [r["rps"] for r in rounds],
+    }
+    cpu = median("cpu_us_per_req")
+    if cpu is not None:
+        out["cpu_us_per_req"] = cpu
+        out["runs_cpu_us_per_req"] = [r.get("cpu_us_per_req") for r in rounds]
+    return out
 
 
 def f2(proxy: Proc | None, url: str) -> dict[str, Any]:
@@ -154,19 +181,12 @@ def f4(proxy: Proc, url: str, release: str, big: int) -> dict[str, Any]:
     return result
 
 
-def run_target(
-    name: str, start: Callable[[str, str], Proc | None], plain: str, streams: Proc, big: int
+def run_streams(
+    name: str, start: Callable[[str, str], Proc | None], streams: Proc, big: int
 ) -> dict[str, Any]:
-    """F1-F4 for one target: started once in front of each upstream."""
+    """F3 and F4 for one target, started in front of the streaming upstream."""
     out: dict[str, Any] = {}
     try:
-        proxy = start(plain, "plain")
-        url = proxy.url if proxy else plain
-        log(f"{name}: F1 (wrk {F1_SECONDS} s) and F2 ({F2_RATE}/s)")
-        out["f1"] = f1(proxy, url)
-        out["f2"] = f2(proxy, url)
-        if proxy:
-            proxy.stop()
         proxy = start(streams.url, "streams")
         url = proxy.url if proxy else streams.url
         log(f"{name}: F3 ({F3_STREAMS} streams) and F4 (idle streams)")
@@ -178,6 +198,33 @@ def run_target(
         out["error"] = str(exc)[:500]
         log(f"{name}: {exc}")
     return out
+
+
+def run_plain(
+    targets: dict[str, Callable[[str, str], Proc | None]], plain: str
+) -> dict[str, dict[str, Any]]:
+    """F1 (in turns) and F2 for every target, all started in front of the plain upstream."""
+    started: dict[str, tuple[Proc | None, str]] = {}
+    results: dict[str, dict[str, Any]] = {name: {} for name in targets}
+    try:
+        for name, start in targets.items():
+            try:
+                proxy = start(plain, "plain")
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                results[name]["error"] = str(exc)[:500]
+                log(f"{name}: {exc}")
+                continue
+            started[name] = (proxy, proxy.url if proxy else plain)
+        for name, f1_result in f1(started).items():
+            results[name]["f1"] = f1_result
+        for name, (proxy, url) in started.items():
+            log(f"{name}: F2 ({F2_RATE}/s)")
+            results[name]["f2"] = f2(proxy, url)
+    finally:
+        for proxy, _ in started.values():
+            if proxy:
+                proxy.stop()
+    return results
 
 
 def main() -> int:
@@ -222,11 +269,14 @@ def main() -> int:
             targets["vllm-router"] = lambda up, tag: vllm_router(
                 launch, router_exe, up, tag=f"-{tag}"
             )
+        results.update(run_plain(targets, plain))
         for name, start in targets.items():
-            results[name] = run_target(name, start, plain, streams, big)
+            results[name].update(run_streams(name, start, streams, big))
         log("edge --workers 2: F5")
         two = edge(launch, work, plain, workers=2, tag="-workers2")
-        results["edge --workers 2"] = {"f1": f1(two, two.url)}
+        results["edge --workers 2"] = {
+            "f1": f1({"edge --workers 2": (two, two.url)})["edge --workers 2"]
+        }
         two.stop()
     finally:
         launch.stop_all()

@@ -58,7 +58,7 @@ def _f4(r: dict[str, Any], n: str) -> str:
 
 def rows(results: dict[str, Any], big: int) -> list[str]:
     head = (
-        "| target | F1 req/s (best run) | F1 CPU/req | F2 p50 | F2 p99 | F2 p99 added "
+        "| target | F1 req/s (median) | F1 CPU/req | F2 p50 | F2 p99 | F2 p99 added "
         "| F3 CPU/chunk | F3 first chunk p50 | F3 bytes intact "
         f"| F4 RSS idle | F4 RSS 1,000 | F4 RSS {big:,} |"
     )
