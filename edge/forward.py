@@ -225,7 +225,8 @@ class Forwarder:
         # request gets no other). An attempt may race a hedge on a second host (`_race`), so
         # leases are held per host: a failed or losing attempt's lease is released at once, the
         # winner's in `done`, and every one on any other path out of here.
-        self._tune()
+        if self.settings is not self._tuned:
+            self._tune()
         self.budget.deposit()
         note, trialled = "not tried", None
         leases = _Leases()
