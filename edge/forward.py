@@ -103,27 +103,36 @@ def _ssl_context(settings: UpstreamSettings) -> ssl.SSLContext | bool:
 def upstream_headers(
     request: Request, request_id: str, credentials: list[tuple[str, str]] | None = None
 ) -> bytes:
-    """The header block sent upstream, rendered once per request from the bytes the client
-    sent (llhttp refused any CR, LF or line fold in them). `credentials` None passes the
-    client's key on (passthrough); a list (maybe empty) replaces every client key header with
-    it (the edge checked the key itself)."""
-    headers = request.headers
-    drop = _DROP_UP if credentials is None else _DROP_UP_KEYED
-    listed = headers.get("Connection")
-    if listed:
-        drop = drop | {t.strip().lower().encode() for t in listed.split(",")}
-    kept = [n + b": " + v + b"\r\n" for n, v in request.raw_headers if n.lower() not in drop]
-    prior = headers.get("X-Forwarded-For")
+    """The header block sent upstream (llhttp refused any CR, LF or line fold in the client's).
+    `credentials` None passes the client's key on (passthrough); a list (maybe empty) replaces
+    every client key header with it (the edge checked the key itself)."""
+    memo = request.fields.memo  # shared by the requests that sent the same fields
+    mode = "upstream" if credentials is None else "upstream-keyed"
+    kept = memo.get(mode)
+    if kept is None:
+        kept = memo[mode] = _end_to_end(request, credentials is not None)
+    prior = request.headers.get("X-Forwarded-For")
     peer = request.remote
     forwarded = f"{prior}, {peer}" if prior else peer
     # request_id is printable (checked) and the peer an address: nothing here breaks a line.
-    kept.append(
+    block = kept + (
         b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\nX-Request-ID: %b\r\n"
         % (forwarded.encode("utf-8", "surrogateescape"), request_id.encode("utf-8", "replace"))
     )
     if credentials:
-        kept.append(render_headers(credentials))
-    return b"".join(kept)
+        block += render_headers(credentials)
+    return block
+
+
+def _end_to_end(request: Request, keyed: bool) -> bytes:
+    """The client's fields that go upstream as they came: not hop-by-hop, not the edge's own."""
+    drop = _DROP_UP_KEYED if keyed else _DROP_UP
+    listed = request.headers.get("Connection")
+    if listed:
+        drop = drop | {t.strip().lower().encode() for t in listed.split(",")}
+    return b"".join(
+        [n + b": " + v + b"\r\n" for n, v in request.raw_headers if n.lower() not in drop]
+    )
 
 
 class RequestIds:

@@ -71,28 +71,69 @@ class Reply:
     headers: bytes = b""  # extra rendered "Name: value\r\n" lines
 
 
+class Fields:
+    """The header fields of a request but its Content-Length, shared by every request that sent
+    the same ones. A client sends the same headers request after request (an SDK's, a
+    gateway's), so they are decoded once, and what other modules derive from them (the block
+    sent upstream) is kept in `memo` instead of being rebuilt per request."""
+
+    __slots__ = ("raw", "headers", "memo", "expect", "chunked")
+
+    def __init__(self, raw: tuple[tuple[bytes, bytes], ...]) -> None:
+        self.raw = raw
+        self.headers: CIMultiDict[str] = CIMultiDict(
+            [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in raw]
+        )
+        self.memo: dict[str, bytes] = {}
+        self.expect = self.headers.get("Expect", "").lower() == "100-continue"
+        self.chunked = "Transfer-Encoding" in self.headers
+
+    def __repr__(self) -> str:
+        return f"<Fields {len(self.raw)} memo={sorted(self.memo)}>"
+
+
+class FieldsCache:
+    """raw fields -> Fields, for the sets seen lately (cleared whole when full: a bound)."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._seen: dict[tuple[tuple[bytes, bytes], ...], Fields] = {}
+
+    def get(self, raw: list[tuple[bytes, bytes]]) -> Fields:
+        key = tuple(raw)
+        fields = self._seen.get(key)
+        if fields is None:
+            if len(self._seen) >= self.size:
+                self._seen.clear()
+            fields = self._seen[key] = Fields(key)
+        return fields
+
+    def __repr__(self) -> str:
+        return f"<FieldsCache entries={len(self._seen)}>"
+
+
 class Request:
-    """One request as the client sent it. `headers` are decoded; `raw_headers` are the bytes."""
+    """One request as the client sent it. `headers` are decoded (Content-Length left out: it
+    is `content_length`); `raw_headers` are the bytes."""
 
     __slots__ = (
-        "method", "target", "path", "query_string", "headers", "raw_headers", "version",
-        "keep_alive", "conn", "body", "_chunks", "_size", "_complete", "_waiter", "_limit",
-        "_too_large", "_expect", "_length",
+        "method", "target", "path", "query_string", "fields", "headers", "raw_headers",
+        "version", "keep_alive", "conn", "body", "_chunks", "_size", "_complete", "_waiter",
+        "_limit", "_too_large", "_expect", "_length",
     )  # fmt: skip
 
     scheme = "http"  # the edge itself never terminates TLS
     secure = False
 
     def __init__(
-        self, conn: Connection, method: str, target: str, raw: list[tuple[bytes, bytes]],
+        self, conn: Connection, method: str, target: str, fields: Fields, length: bytes | None,
         version: str, keep_alive: bool, limit: int,
     ) -> None:  # fmt: skip
         self.conn = conn
         self.method = method
-        self.raw_headers = raw
-        self.headers: CIMultiDict[str] = CIMultiDict(
-            [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in raw]
-        )
+        self.fields = fields
+        self.raw_headers = fields.raw
+        self.headers = fields.headers
         self.version = version
         self.keep_alive = keep_alive
         self.target, path, self.query_string = _split_target(target)
@@ -103,10 +144,9 @@ class Request:
         self._complete = False
         self._waiter: asyncio.Future[None] | None = None
         self._limit = limit
-        length = self.headers.get("Content-Length")
         self._length = int(length) if length is not None and length.isdigit() else None
         self._too_large = self._length is not None and self._length > limit
-        self._expect = self.headers.get("Expect", "").lower() == "100-continue"
+        self._expect = fields.expect
 
     @property
     def remote(self) -> str:
@@ -195,6 +235,7 @@ class Server:
         self.connections: set[Connection] = set()
         self.closing = False
         self.requests = 0
+        self.fields = FieldsCache()
         self._date = ("", -1.0)
         self._sweeper: asyncio.TimerHandle | None = None
         self._emptied: asyncio.Event | None = None  # set by the last connection of a drain
@@ -275,6 +316,7 @@ class Connection(asyncio.Protocol):
         self.last_active = time.monotonic()
         self._url = b""
         self._raw: list[tuple[bytes, bytes]] = []
+        self._length: bytes | None = None  # the Content-Length field, apart from the others
         self._since = 0  # bytes received since the current message began (or more)
         self._dispatched = False
         self._paused_reading = False
@@ -348,9 +390,12 @@ class Connection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Called per field: nothing else here. The head's size is judged from the bytes that
+        # Called per field: little else here. The head's size is judged from the bytes that
         # arrived (`_since`), and measured exactly only when those could exceed the limit.
-        self._raw.append((name, value))
+        if len(name) == 14 and name.lower() == b"content-length":
+            self._length = value  # kept apart: the other fields then repeat (see Fields)
+        else:
+            self._raw.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self._since > _MAX_HEAD:
@@ -358,15 +403,17 @@ class Connection(asyncio.Protocol):
             if size > _MAX_HEAD:
                 raise _HeadTooLarge
         parser = self.parser
+        fields = self.server.fields.get(self._raw)
         request = Request(
             self, parser.get_method().decode("ascii", "replace"),
-            self._url.decode("utf-8", "surrogateescape"), self._raw,
+            self._url.decode("utf-8", "surrogateescape"), fields, self._length,
             parser.get_http_version(), parser.should_keep_alive(), self.server.max_body,
         )  # fmt: skip
+        self._length = None
         self.request = request
         length = request._length
         eager = length is not None and length <= _EAGER_BODY and not request._expect
-        if not eager and (length is not None or "Transfer-Encoding" in request.headers):
+        if not eager and (length is not None or fields.chunked):
             self._dispatch(request)  # the handler decides before a large body is read
 
     def on_body(self, body: bytes) -> None:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from edge.auth import Gate, Keyring  # noqa: E402
 from edge.config import AuthSettings  # noqa: E402
 from edge.fleet import HostTable  # noqa: E402
-from edge.http1 import Connection, Request  # noqa: E402
+from edge.http1 import Connection, Fields, Request  # noqa: E402
 from edge.keys import FileBackend, FileKeys, Limits, RedisBackend, create_key  # noqa: E402
 from edge.metrics import Usage  # noqa: E402
 from edge.ratelimit import LocalLimiter, RedisLimiter  # noqa: E402
@@ -75,7 +75,8 @@ async def door_cost(work: Path, redis_url: str, n: int, concurrency: int) -> dic
     keyring = Keyring(watcher)
     # A request as edge/http1.py parses it; the gate reads only its headers.
     raw = [(b"Authorization", f"Bearer {key}".encode())]
-    request = Request(cast(Connection, None), "POST", "/v1/chat/completions", raw, "1.1", True, 1)
+    conn, fields = cast(Connection, None), Fields(tuple(raw))
+    request = Request(conn, "POST", "/v1/chat/completions", fields, None, "1.1", True, 1)
     hosts = HostTable().build({"m": ["http://127.0.0.1:9"]}).models["m"]
     usage = Usage(20, 64)
 

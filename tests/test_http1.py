@@ -445,3 +445,22 @@ async def test_write_backpressure_reaches_the_source():
     await asyncio.wait_for(drained, T)
     assert not conn.paused and source.calls == ["pause", "resume"]
     server.forget(conn)
+
+
+async def test_requests_with_the_same_fields_share_them_and_keep_their_own_length(start):
+    seen: list[Request] = []
+
+    async def handler(request: Request) -> None:
+        seen.append(request)
+        request.conn.reply(request, Reply(await request.read()))
+
+    edge = await start(handler)
+    reader, writer = await edge.connect()
+    for body, agent in ((b"ab", "x"), (b"abcd", "x"), (b"ab", "y")):
+        head = f"POST / HTTP/1.1\r\nHost: t\r\nUser-Agent: {agent}\r\n"
+        writer.write(head.encode() + b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        assert (await read_response(reader))[2] == body
+    first, second, other = seen
+    assert first.fields is second.fields and other.fields is not first.fields
+    assert [r.content_length for r in seen] == [2, 4, 2]
+    assert "Content-Length" not in first.headers and first.headers["User-Agent"] == "x"
