@@ -4,13 +4,19 @@ An upstream response's head is relayed to the client nearly as it came (hop-by-h
 out, the edge's own framing in). Decoding each field into Python strings and back costs a
 Python call per field on every response; instead the head's block of "Name: value\\r\\n" lines
 is kept as bytes and read once per distinct block: a server answers with the same head over and
-over (only its Date moves, once a second), so `HeadCache` makes the usual response a single
+over (only its Date moves, once a second), so a `Seen` cache makes the usual response a single
 dictionary lookup. The parser (llhttp) has already validated every head these helpers see.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
 from multidict import CIMultiDict
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 # RFC 9110 7.6.1 connection-specific fields, plus those that describe one hop's framing.
 HOP_BY_HOP = frozenset(
@@ -65,34 +71,34 @@ def read(block: bytes) -> Head:
     return Head(relayed, length, framed)
 
 
-class HeadCache:
-    """block -> Head, for the blocks seen lately (cleared whole when full: a bound, not an LRU;
-    the blocks that matter come back within a second)."""
+class Seen(Generic[K, V]):
+    """key -> build(key), for the keys seen lately: heads (here) and request fields
+    (edge/http1.py) repeat request after request. Cleared whole when full: a bound, not an LRU;
+    the keys that matter come back within a second."""
 
-    def __init__(self, size: int = 512) -> None:
+    def __init__(self, build: Callable[[K], V], size: int) -> None:
+        self.build = build
         self.size = size
-        self._seen: dict[bytes, Head] = {}
-        self.hits = self.misses = 0
+        self._seen: dict[K, V] = {}
+        self.misses = 0
 
-    def get(self, block: bytes) -> Head:
-        head = self._seen.get(block)
-        if head is None:
+    def get(self, key: K) -> V:
+        value = self._seen.get(key)
+        if value is None:
             self.misses += 1
             if len(self._seen) >= self.size:
                 self._seen.clear()
-            head = self._seen[block] = read(block)
-        return head
+            value = self._seen[key] = self.build(key)
+        return value
 
     def __repr__(self) -> str:
-        return f"<HeadCache entries={len(self._seen)} misses={self.misses}>"
+        return f"<Seen entries={len(self._seen)} misses={self.misses}>"
 
 
-def split(raw: bytes) -> bytes | None:
-    """The block of header lines (each ending in CRLF) of the head at the start of `raw`, or
-    None when `raw` holds no complete CRLF-framed head."""
+def split(raw: bytes) -> bytes:
+    """The block of header lines (each ending in CRLF) of the head at the start of `raw`. The
+    parser (strict llhttp) accepted the head, so its lines end in CRLF and none is folded."""
     end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        return None
     line_end = raw.find(b"\r\n")
     return b"" if line_end == end else raw[line_end + 2 : end + 2]
 

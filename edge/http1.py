@@ -36,6 +36,7 @@ import httptools
 from multidict import CIMultiDict
 
 from edge.errors import PayloadTooLarge
+from edge.heads import Seen
 
 log = logging.getLogger("edge.http")
 
@@ -90,26 +91,6 @@ class Fields:
 
     def __repr__(self) -> str:
         return f"<Fields {len(self.raw)} memo={sorted(self.memo)}>"
-
-
-class FieldsCache:
-    """raw fields -> Fields, for the sets seen lately (cleared whole when full: a bound)."""
-
-    def __init__(self, size: int = 256) -> None:
-        self.size = size
-        self._seen: dict[tuple[tuple[bytes, bytes], ...], Fields] = {}
-
-    def get(self, raw: list[tuple[bytes, bytes]]) -> Fields:
-        key = tuple(raw)
-        fields = self._seen.get(key)
-        if fields is None:
-            if len(self._seen) >= self.size:
-                self._seen.clear()
-            fields = self._seen[key] = Fields(key)
-        return fields
-
-    def __repr__(self) -> str:
-        return f"<FieldsCache entries={len(self._seen)}>"
 
 
 class Request:
@@ -235,7 +216,7 @@ class Server:
         self.connections: set[Connection] = set()
         self.closing = False
         self.requests = 0
-        self.fields = FieldsCache()
+        self.fields: Seen[tuple[tuple[bytes, bytes], ...], Fields] = Seen(Fields, 256)
         self._date = ("", -1.0)
         self._sweeper: asyncio.TimerHandle | None = None
         self._emptied: asyncio.Event | None = None  # set by the last connection of a drain
@@ -403,7 +384,7 @@ class Connection(asyncio.Protocol):
             if size > _MAX_HEAD:
                 raise _HeadTooLarge
         parser = self.parser
-        fields = self.server.fields.get(self._raw)
+        fields = self.server.fields.get(tuple(self._raw))
         request = Request(
             self, parser.get_method().decode("ascii", "replace"),
             self._url.decode("utf-8", "surrogateescape"), fields, self._length,

@@ -453,7 +453,7 @@ class UpstreamPool:
         )
         self._dns: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._conns: set[_Conn] = set()
-        self.heads = heads.HeadCache()
+        self.heads: heads.Seen[bytes, heads.Head] = heads.Seen(heads.read, 512)
         self.connects = 0
         self.stale_retries = 0
 
@@ -614,12 +614,7 @@ def _head_block(raw: bytes) -> bytes:
         if end < 0:
             break
         raw = raw[end + 4 :]
-    block = heads.split(raw)
-    if block is None:  # lines ended by a bare LF, which the parser tolerates
-        block = heads.split(raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")) or b""
-    if b"\n " in block or b"\n\t" in block:  # obsolete line folding, unfolded (RFC 9112 5.2)
-        block = block.replace(b"\r\n ", b" ").replace(b"\r\n\t", b" ")
-    return block
+    return heads.split(raw)
 
 
 def _expire(conn: _Conn, waiter: asyncio.Future[UpstreamResponse]) -> None:

@@ -45,7 +45,7 @@ from edge.redisconn import RedisLink  # noqa: E402
 from edge.route import OPENAI, ProxyRequest  # noqa: E402
 from edge.usage import UsageMeter  # noqa: E402
 from loadtests.bench.closedloop import closed_loop  # noqa: E402
-from loadtests.bench.procfs import cpu_ns, start_edge  # noqa: E402
+from loadtests.bench.procfs import cpu_ns, split_cores, start_edge  # noqa: E402
 from tests.procs import free_port  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 
@@ -189,11 +189,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--calls", type=int, default=20_000, help="in-process calls per stage")
     args = parser.parse_args()
-    cpus = sorted(os.sched_getaffinity(0))
-    edge_cores = {cpus[0]} if len(cpus) > 1 else set()
-    load_cores = set(cpus[1:]) if len(cpus) > 1 else set()
-    if load_cores:
-        os.sched_setaffinity(0, load_cores)
+    edge_cores, load_cores = split_cores()
     work = Path(tempfile.mkdtemp(prefix="edge-auth-cost-"))
     redis = RedisServer().start()
     procs: list[subprocess.Popen[bytes]] = []

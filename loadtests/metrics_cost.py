@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from edge.fleet import FleetView, HostTable  # noqa: E402
 from edge.metrics import LATENCY_BUCKETS, Metrics, Observation, Usage  # noqa: E402
 from loadtests.bench.closedloop import closed_loop  # noqa: E402
-from loadtests.bench.procfs import cpu_ns, start_edge  # noqa: E402
+from loadtests.bench.procfs import cpu_ns, split_cores, start_edge  # noqa: E402
 from tests.procs import free_port  # noqa: E402
 
 BODY = json.dumps(
@@ -129,11 +128,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="length of one round")
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
-    cpus = sorted(os.sched_getaffinity(0))
-    edge_cores = {cpus[0]} if len(cpus) > 1 else set()
-    load_cores = set(cpus[1:]) if len(cpus) > 1 else set()
-    if load_cores:
-        os.sched_setaffinity(0, load_cores)
+    edge_cores, load_cores = split_cores()
     work = Path(tempfile.mkdtemp(prefix="edge-metrics-cost-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:

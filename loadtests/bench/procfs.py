@@ -77,6 +77,17 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
+def split_cores() -> tuple[set[int], set[int]]:
+    """(cores for the edges, cores for the load) of this machine: the first core alone for the
+    edges, the rest for the load, which this process is moved to. With one core, ({}, {})."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return set(), set()
+    edge_cores, load_cores = {cpus[0]}, set(cpus[1:])
+    os.sched_setaffinity(0, load_cores)
+    return edge_cores, load_cores
+
+
 def start_edge(args: list[str], url: str, cores: set[int]) -> subprocess.Popen[bytes]:
     """`python -m edge ARGS` pinned to `cores`, once `url` answers."""
     proc = subprocess.Popen(
