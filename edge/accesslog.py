@@ -82,10 +82,10 @@ class AccessLog:
             self._write(b"".join(batch))
 
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
+        view, at, end = memoryview(data), 0, len(data)
+        while at < end:
             try:
-                view = view[os.write(self._fd, view) :]
+                at += os.write(self._fd, view[at:])
             except OSError:
                 # A full non-blocking pipe, a closed one, a full disk: drop the batch rather
                 # than stall or fail requests.

@@ -40,7 +40,7 @@ from edge.health import Health, Prober
 from edge.http1 import Server
 from edge.metrics import Metrics, remove_shared
 from edge.server import EdgeHandler, Lifecycle
-from edge.stats import SharedLoad
+from edge.stats import SharedLoad, table_path
 
 log = logging.getLogger("edge.app")
 
@@ -247,6 +247,10 @@ def supervise(config: Config, config_path: str | None) -> int:
                 log.error("worker %s exited with %s; restarting it", proc.pid, proc.exitcode)
                 procs.insert(i, spawn())
     holder.close()
+    # The last worker out removes the in-flight table, but a worker stopped before it could
+    # (TERM during its startup) leaves it; every worker is gone now, so the file can go.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(table_path(os.getpid(), port))
     if own_dir:
         remove_shared(config.metrics.shared_dir)
     return code

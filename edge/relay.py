@@ -16,7 +16,6 @@ handler (edge/http1.py), and the caller closes the upstream.
 
 from __future__ import annotations
 
-import re
 import time
 
 import orjson
@@ -27,7 +26,6 @@ from edge.metrics import Usage
 from edge.route import ANTHROPIC, GEMINI
 from edge.upstream import UpstreamError, UpstreamResponse
 
-_USAGE = re.compile(rb'"(?:usage|usageMetadata)"\s*:\s*(\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\})')
 _PROMPT_KEYS = ("prompt_tokens", "input_tokens", "promptTokenCount")
 _COMPLETION_KEYS = ("completion_tokens", "output_tokens", "candidatesTokenCount")
 
@@ -127,19 +125,56 @@ def read_usage(head: bytes, tail: bytes) -> Usage | None:
 
 
 def _last_usage(data: bytes) -> dict[str, object] | None:
-    """The last usage object in `data`: found from the end with rfind (C speed), and only
-    there matched by the regex, instead of scanning the whole body with it."""
+    """The last usage object in `data`, found from the end with rfind and cut out by counting
+    braces, both at C speed; a regex that matched the nested object cost more than the rest of
+    the request's work in this module together."""
     at = data.rfind(b'"usage')
     while at >= 0:
-        found = _USAGE.match(data, at)
-        if found is not None:
-            try:
-                doc = orjson.loads(found.group(1))
-            except orjson.JSONDecodeError:
-                return None
-            return doc if isinstance(doc, dict) else None
-        at = data.rfind(b'"usage', 0, at)
+        start = _object_start(data, at)
+        if start >= 0:
+            end = _object_end(data, start)
+            if end >= 0:
+                try:
+                    doc = orjson.loads(data[start:end])
+                except orjson.JSONDecodeError:
+                    return None
+                return doc if isinstance(doc, dict) else None
+        at = data.rfind(b'"usage', 0, at)  # `"usage": null` in a chunk, or a key in a prompt
     return None
+
+
+def _object_start(data: bytes, at: int) -> int:
+    """Where the object opens after the `"usage"` or `"usageMetadata"` key at `at`, or -1."""
+    if data.startswith(b'"usage"', at):
+        i = at + 7
+    elif data.startswith(b'"usageMetadata"', at):
+        i = at + 15
+    else:
+        return -1
+    n = len(data)
+    while i < n and data[i] in b" \t\r\n":
+        i += 1
+    if i >= n or data[i] != 58:  # ':'
+        return -1
+    i += 1
+    while i < n and data[i] in b" \t\r\n":
+        i += 1
+    return i if i < n and data[i] == 123 else -1  # '{'
+
+
+def _object_end(data: bytes, start: int) -> int:
+    """One past the brace that closes the object opening at `start`, or -1 if it is cut off.
+    Braces inside strings are not told apart: a usage object's strings hold none, and orjson
+    refuses a slice that came out wrong."""
+    depth, at = 0, start
+    while True:
+        close = data.find(b"}", at)
+        if close < 0:
+            return -1
+        depth += data.count(b"{", at, close) - 1
+        if depth == 0:
+            return close + 1
+        at = close + 1
 
 
 def _first_int(doc: dict[str, object], keys: tuple[str, ...]) -> int | None:

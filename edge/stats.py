@@ -241,9 +241,8 @@ class SharedLoad:
     @classmethod
     def for_workers(cls, port: int, workers: int) -> SharedLoad | None:
         """The file the workers of the edge supervised by our parent share; None if unusable."""
-        base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        path = os.path.join(base, f"edge-load-{os.getppid()}-{port}")
-        sweep(base)
+        path = table_path(os.getppid(), port)
+        sweep(os.path.dirname(path))
         try:
             # Twice the workers: a restarted worker finds a free row while a reaper holds one.
             return cls(path, rows=2 * workers)
@@ -337,6 +336,12 @@ class SharedLoad:
 
     def __repr__(self) -> str:
         return f"<SharedLoad row={self.row}/{self.rows} hosts={len(self._slots)}>"
+
+
+def table_path(supervisor_pid: int, port: int) -> str:
+    """The shared in-flight table of the workers one supervisor runs on one port."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return os.path.join(base, f"edge-load-{supervisor_pid}-{port}")
 
 
 def sweep(base: str) -> int:

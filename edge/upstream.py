@@ -29,7 +29,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import ClassVar, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -46,7 +46,9 @@ _now = time.monotonic
 class UpstreamError(Exception):
     """An attempt failed before or while reading the response. `reason` is client-safe text."""
 
-    outcome = "connect_error"
+    # ClassVar: compiled by mypyc, a plain class attribute would be an instance slot that
+    # subclasses' values never reach.
+    outcome: ClassVar[str] = "connect_error"
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -62,11 +64,11 @@ class Disconnected(UpstreamError):
 
 
 class TimedOut(UpstreamError):
-    outcome = "timeout"
+    outcome: ClassVar[str] = "timeout"
 
 
 class Malformed(UpstreamError):
-    outcome = "malformed"
+    outcome: ClassVar[str] = "malformed"
 
 
 class _Origin:

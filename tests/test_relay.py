@@ -188,3 +188,16 @@ async def test_clients_hanging_up_mid_stream_leave_no_error_log(start_mock, star
     errors = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
     assert errors == []
     assert all(h.inflight == 0 for h in edge.view.fleet.models["m"])
+
+
+def test_usage_skips_null_usage_and_keys_that_are_not_objects():
+    tail = (
+        b'data: {"choices":[{"delta":{"content":"\\"usage\\": soon"}}],"usage":null}\n\n'
+        b'data: {"choices":[],"usage" :\n {"prompt_tokens":2,"completion_tokens":3,'
+        b'"details":{"a":{"b":1}}}}\n\n'
+        b'data: {"choices":[{"delta":{}}],"usage": null}\n\ndata: [DONE]\n\n'
+    )
+    assert read_usage(tail, tail) == Usage(2, 3)
+    # An object cut off at the end of the window, or one that is not JSON, gives no usage.
+    assert read_usage(b"", b'data: {"usage":{"prompt_tokens":2,"completion_tokens":') is None
+    assert read_usage(b"", b'{"usage":{"prompt_tokens":2,}}') is None
