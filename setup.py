@@ -13,6 +13,7 @@ editable install and then compiles in place with `make compile`.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from setuptools import setup
 
@@ -38,7 +39,7 @@ HOT = (
     "accesslog",
 )
 
-ext_modules = []
+ext_modules: list[Any] = []  # mypyc's Extension is distutils' or setuptools', by version
 if os.environ.get("EDGE_PURE") != "1":
     from mypyc.build import mypycify
 
