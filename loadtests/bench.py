@@ -8,7 +8,8 @@ core 1. The figures (the issue's F1-F5):
       5 s wrk round each, for F1_ROUNDS rounds after a warm-up: the medians are reported, so a
       drift of the machine's speed hits every target alike. Proxy CPU per request =
       utime+stime of its process tree over a round / its requests.
-- F2  latency at a fixed 300 requests/s (open loop), p50 and p99, minus the direct ones.
+- F2  latency at a fixed 300 requests/s (open loop), p50 and p99, minus the direct ones; in
+      turns like F1 (F2_ROUNDS rounds of 5 s each), medians over the rounds reported.
 - F3  50 concurrent SSE streams x 200 events of 180 bytes, 5 ms apart, each its own upstream
       write: proxy CPU per relayed event, time to first chunk, every byte compared.
 - F4  proxy RSS after start, then with 1,000 and ~10,000 idle open streams, which must all
@@ -62,7 +63,7 @@ POST_LUA = Path(__file__).with_name("bench") / "post.lua"
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 F1_SECONDS, F1_WARM_SECONDS, F1_CONNECTIONS = (2, 1, 64) if QUICK else (5, 2, 64)
 F1_ROUNDS = 1 if QUICK else 5
-F2_RATE, F2_SECONDS = 300, 1 if QUICK else 5
+F2_RATE, F2_SECONDS, F2_ROUNDS = 300, 1 if QUICK else 5, 1 if QUICK else 3
 F3_STREAMS, F3_CHUNKS, F3_CHUNK_MS = 50, 200, 5
 F4_SMALL, F4_BIG = 1000, 2000 if QUICK else 10000
 
@@ -154,12 +155,39 @@ def _median_run(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def f2(proxy: Proc | None, url: str) -> dict[str, Any]:
+def f2_round(proxy: Proc | None, url: str) -> dict[str, Any]:
     core = Core0(proxy)
     args = ["--url", url + PATH, "--rate", str(F2_RATE), "--seconds", str(F2_SECONDS)]
     result = client("rate", *args)
     _, result["core0_others_pct"] = core.done()
     return result
+
+
+def f2(targets: dict[str, tuple[Proc | None, str]]) -> dict[str, dict[str, Any]]:
+    """F2 for every target, in turns as F1: a p99 is the few slowest requests of a round, so
+    one stall of the shared machine moves a single round's figure a lot."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    for r in range(F2_ROUNDS):
+        for name, (proxy, url) in targets.items():
+            log(f"F2 ({F2_RATE}/s) round {r + 1}/{F2_ROUNDS}: {name}")
+            runs[name].append(f2_round(proxy, url))
+    out = {}
+    for name, rounds in runs.items():
+
+        def median(key: str, rounds: list[dict[str, Any]] = rounds) -> float:
+            values = [float(r[key]) for r in rounds if key in r]
+            return statistics.median(values) if values else float("nan")
+
+        out[name] = {
+            "p50_ms": median("p50_ms"), "p99_ms": median("p99_ms"),
+            "requests": sum(int(r.get("requests", 0)) for r in rounds),
+            "errors": sum(int(r.get("errors", 0)) for r in rounds),
+            "first_error": next((r["first_error"] for r in rounds if r.get("first_error")), []),
+            "core0_others_pct": median("core0_others_pct"),
+            "runs_p50_ms": [r.get("p50_ms") for r in rounds],
+            "runs_p99_ms": [r.get("p99_ms") for r in rounds],
+        }  # fmt: skip
+    return out
 
 
 def f3(proxy: Proc | None, url: str) -> dict[str, Any]:
@@ -217,9 +245,8 @@ def run_plain(
             started[name] = (proxy, proxy.url if proxy else plain)
         for name, f1_result in f1(started).items():
             results[name]["f1"] = f1_result
-        for name, (proxy, url) in started.items():
-            log(f"{name}: F2 ({F2_RATE}/s)")
-            results[name]["f2"] = f2(proxy, url)
+        for name, f2_result in f2(started).items():
+            results[name]["f2"] = f2_result
     finally:
         for proxy, _ in started.values():
             if proxy:

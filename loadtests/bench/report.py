@@ -103,6 +103,14 @@ def _paired(mine: Any, theirs: Any) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
+def _paired_added(mine: Any, direct: Any) -> float | None:
+    """The median of per-round differences (each round's direct run taken seconds before)."""
+    if not isinstance(mine, list) or not isinstance(direct, list) or len(mine) != len(direct):
+        return None
+    diffs = [a - b for a, b in zip(mine, direct, strict=True) if a is not None and b is not None]
+    return statistics.median(diffs) if diffs else None
+
+
 def bar(results: dict[str, Any], big: int, cpus: int = 2) -> list[str]:
     e, n, v = (results.get(k, {}) for k in ("edge", "nginx", "vllm-router"))
     f1_v = _ratio(_get(e, "f1", "rps"), _get(v, "f1", "rps"))
@@ -111,6 +119,9 @@ def bar(results: dict[str, Any], big: int, cpus: int = 2) -> list[str]:
     # CPU per request compares the work done, whatever share of core 0 others took meanwhile.
     cpu_v = _ratio(_get(v, "f1", "cpu_us_per_req"), _get(e, "f1", "cpu_us_per_req"))
     p99 = _added(results, "edge", "p99_ms")
+    p99_paired = _paired_added(
+        _get(e, "f2", "runs_p99_ms"), _get(results, "direct", "f2", "runs_p99_ms")
+    )
     f3_v = _ratio(_get(e, "f3", "cpu_us_per_chunk"), _get(v, "f3", "cpu_us_per_chunk"))
     f3_n = _ratio(_get(e, "f3", "cpu_us_per_chunk"), _get(n, "f3", "cpu_us_per_chunk"))
     small, large = _get(e, "f4", "1000"), _get(e, "f4", str(big))
@@ -151,6 +162,20 @@ def bar(results: dict[str, Any], big: int, cpus: int = 2) -> list[str]:
         ("F1 req/s vs nginx (stretch)", _num(f1_n, x), ">= 0.5x", ge(f1_n, 0.5)),
         ("F1 req per CPU-second vs vllm-router", _num(cpu_v, x), ">= 1.0x", ge(cpu_v, 1.0)),
         ("F2 p99 added @300/s", _num(p99, "{:+.2f} ms"), "< 1 ms", le(p99, 0.999)),
+        (
+            "F2 p99 added, median of round-by-round differences",
+            _num(p99_paired, "{:+.2f} ms"),
+            "(information)",
+            None,
+        ),
+        (
+            "F2 p99 added by nginx / by vllm-router, same rounds",
+            _num(_added(results, "nginx", "p99_ms"), "{:+.2f} ms")
+            + " / "
+            + _num(_added(results, "vllm-router", "p99_ms"), "{:+.2f} ms"),
+            "(information: the machine's share)",
+            None,
+        ),
         ("F3 CPU/chunk vs vllm-router", _num(f3_v, x), "<= 1.0x", le(f3_v, 1.0)),
         ("F3 CPU/chunk vs nginx (stretch)", _num(f3_n, x), "<= 1.5x", le(f3_n, 1.5)),
         ("F4 RSS, 1,000 open streams", _num(rss(small), mb), "< 64 MB, all done", fits(small, 64)),
