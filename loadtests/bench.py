@@ -11,7 +11,8 @@ core 1. The figures (the issue's F1-F5):
 - F2  latency at a fixed 300 requests/s (open loop), p50 and p99, minus the direct ones; in
       turns like F1 (F2_ROUNDS rounds of 5 s each), medians over the rounds reported.
 - F3  50 concurrent SSE streams x 200 events of 180 bytes, 5 ms apart, each its own upstream
-      write: proxy CPU per relayed event, time to first chunk, every byte compared.
+      write: proxy CPU per relayed event, time to first chunk, every byte compared; in turns
+      (F3_ROUNDS rounds), medians reported.
 - F4  proxy RSS after start, then with 1,000 and ~10,000 idle open streams, which must all
       complete once released.
 - F5  F1 with `edge serve --workers 2` (on both cores) against `--workers 1` (on one).
@@ -64,6 +65,7 @@ QUICK = os.environ.get("BENCH_QUICK") == "1"
 F1_SECONDS, F1_WARM_SECONDS, F1_CONNECTIONS = (2, 1, 64) if QUICK else (5, 2, 64)
 F1_ROUNDS = 1 if QUICK else 5
 F2_RATE, F2_SECONDS, F2_ROUNDS = 300, 1 if QUICK else 5, 1 if QUICK else 3
+F3_ROUNDS = 1 if QUICK else 3
 F3_STREAMS, F3_CHUNKS, F3_CHUNK_MS = 50, 200, 5
 F4_SMALL, F4_BIG = 1000, 2000 if QUICK else 10000
 
@@ -209,23 +211,70 @@ def f4(proxy: Proc, url: str, release: str, big: int) -> dict[str, Any]:
     return result
 
 
-def run_streams(
-    name: str, start: Callable[[str, str], Proc | None], streams: Proc, big: int
-) -> dict[str, Any]:
-    """F3 and F4 for one target, started in front of the streaming upstream."""
-    out: dict[str, Any] = {}
-    try:
-        proxy = start(streams.url, "streams")
-        url = proxy.url if proxy else streams.url
-        log(f"{name}: F3 ({F3_STREAMS} streams) and F4 (idle streams)")
-        out["f3"] = f3(proxy, url)
-        if proxy:
-            out["f4"] = f4(proxy, url, streams.url + "/release", big)
-            proxy.stop()
-    except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
-        out["error"] = str(exc)[:500]
-        log(f"{name}: {exc}")
+def f3_rounds(targets: dict[str, tuple[Proc | None, str]]) -> dict[str, dict[str, Any]]:
+    """F3 for every target, in turns as F1, F3_ROUNDS rounds; medians of the per-round figures,
+    sums of the streams and bytes checked."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    for r in range(F3_ROUNDS):
+        for name, (proxy, url) in targets.items():
+            log(f"F3 ({F3_STREAMS} streams) round {r + 1}/{F3_ROUNDS}: {name}")
+            try:
+                runs[name].append(f3(proxy, url))
+            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
+                runs[name].append({"error": str(exc)[:500]})
+                log(f"{name}: {exc}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, rounds in runs.items():
+        whole = [r for r in rounds if "streams" in r]
+        if not whole:
+            out[name] = rounds[-1]
+            continue
+        merged: dict[str, Any] = {
+            key: sum(int(r[key]) for r in whole)
+            for key in ("streams", "completed", "intact", "errors", "chunks")
+        }
+        merged["first_error"] = next((r["first_error"] for r in whole if r["first_error"]), [])
+        for key in ("cpu_us_per_chunk", "ttfc_p50_ms", "ttfc_p99_ms"):
+            values = [float(r[key]) for r in whole if key in r]
+            if values:
+                merged[key] = statistics.median(values)
+        merged["runs_cpu_us_per_chunk"] = [r.get("cpu_us_per_chunk") for r in whole]
+        out[name] = merged
     return out
+
+
+def run_streams(
+    targets: dict[str, Callable[[str, str], Proc | None]], streams: Proc, big: int
+) -> dict[str, dict[str, Any]]:
+    """F3 (in turns) and F4 for every target, all started in front of the streaming upstream."""
+    started: dict[str, tuple[Proc | None, str]] = {}
+    results: dict[str, dict[str, Any]] = {name: {} for name in targets}
+    try:
+        for name, start in targets.items():
+            try:
+                proxy = start(streams.url, "streams")
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                results[name]["error"] = str(exc)[:500]
+                log(f"{name}: {exc}")
+                continue
+            started[name] = (proxy, proxy.url if proxy else streams.url)
+        for name, f3_result in f3_rounds(started).items():
+            results[name]["f3"] = f3_result
+        for name, (proxy, url) in started.items():
+            if proxy is None:
+                continue
+            log(f"{name}: F4 (idle streams)")
+            try:
+                results[name]["f4"] = f4(proxy, url, streams.url + "/release", big)
+            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
+                results[name]["f4"] = {"error": str(exc)[:500]}
+                log(f"{name}: {exc}")
+            proxy.stop()  # F4's streams leave a proxy large; the next one starts level
+    finally:
+        for proxy, _ in started.values():
+            if proxy:
+                proxy.stop()
+    return results
 
 
 def run_plain(
@@ -297,8 +346,8 @@ def main() -> int:
                 launch, router_exe, up, tag=f"-{tag}"
             )
         results.update(run_plain(targets, plain))
-        for name, start in targets.items():
-            results[name].update(run_streams(name, start, streams, big))
+        for name, result in run_streams(targets, streams, big).items():
+            results[name].update(result)
         log("edge --workers 2: F5")
         two = edge(launch, work, plain, workers=2, tag="-workers2")
         results["edge --workers 2"] = {

@@ -269,3 +269,38 @@ async def test_least_inflight_spreads_concurrent_streams(start_mock, start_edge)
         served = await asyncio.gather(*(one() for _ in range(10)))
     assert sorted(set(served)) == ["A", "B"] and 3 <= served.count("A") <= 7
     assert all(h.inflight == 0 for h in edge.view.fleet.models["m1"])
+
+
+ODD_VALUES: tuple[object, ...] = (
+    None, True, 0, -1, 1.5, "", "x" * 300, [], [1, "a", None], {}, {"a": [1]}, [[[]]],
+)  # fmt: skip
+ODD_FIELDS = (
+    "stream", "user", "metadata", "messages", "system", "prompt", "input", "contents",
+    "systemInstruction", "provider", "stream_options", "max_tokens",
+)  # fmt: skip
+
+
+async def test_fields_of_any_type_never_break_the_edge(start_mock, start_edge, caplog):
+    """Every field the edge reads (for streaming, affinity, routing) given every JSON type: the
+    compiled modules check types at their boundaries, so a value of a type the code did not
+    expect would surface here as the edge's own 500 and an error in its log."""
+    a = await start_mock(models=("m1",), name="A", tokens=2)
+    b = await start_mock(models=("m1",), name="B", tokens=2)
+    edge = await start_edge({"m1": [a, b]})  # affinity on: prefixes are hashed from the body
+    paths = (
+        "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages",
+        "/v1beta/models/m1:generateContent",
+    )  # fmt: skip
+    statuses: set[int] = set()
+    async with aiohttp.ClientSession() as client:
+        for path in paths:
+            for name in ODD_FIELDS:
+                for value in ODD_VALUES:
+                    headers = {"X-Session-ID": str(value)[:50]} if value else {}
+                    body = orjson.dumps({"model": "m1", name: value})
+                    async with client.post(edge.url + path, data=body, headers=headers) as resp:
+                        answer = await resp.read()
+                    assert b"Internal error" not in answer, (path, name, value)
+                    statuses.add(resp.status)
+    assert 200 in statuses
+    assert not [r for r in caplog.records if r.name.startswith("edge") and r.levelno >= 40]
