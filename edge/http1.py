@@ -61,6 +61,9 @@ class Source(Protocol):
 
     def resume_reading(self) -> None: ...
 
+    def stop(self) -> None:
+        """End the feed early; whoever writes the response ends it in its own terms."""
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -267,6 +270,14 @@ class Server:
         if self.connections:
             log.warning("drain: %d connection(s) still busy at the deadline; cut",
                         len(self.connections))  # fmt: skip
+            # A relayed stream is ended by its relay (an SSE client gets an error event and a
+            # clean end, not a connection reset); the rest are cut.
+            fed = [c.task for c in self.connections if c.source is not None and c.task]
+            for conn in list(self.connections):
+                if conn.source is not None:
+                    conn.source.stop()
+            if fed:
+                await asyncio.wait(fed, timeout=1.0)
             tasks = [c.task for c in self.connections if c.task is not None]
             for conn in list(self.connections):
                 conn.abort()

@@ -24,7 +24,7 @@ from edge.forward import Upstream
 from edge.http1 import Request
 from edge.metrics import Usage
 from edge.route import ANTHROPIC, GEMINI
-from edge.upstream import UpstreamError, UpstreamResponse
+from edge.upstream import Stopped, UpstreamError, UpstreamResponse
 
 _PROMPT_KEYS = ("prompt_tokens", "input_tokens", "promptTokenCount")
 _COMPLETION_KEYS = ("completion_tokens", "output_tokens", "candidatesTokenCount")
@@ -72,9 +72,10 @@ async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> R
         upstream.pause_reading()
     try:
         await upstream.pipe(conn.write)
-    except UpstreamError:
+    except UpstreamError as exc:
         ended_at = time.monotonic()
-        _broken(request, upstream, dialect, upstream.last or first)
+        message = _STOPPED if isinstance(exc, Stopped) else _FAILED
+        _broken(request, upstream, dialect, upstream.last or first, message)
         sent = len(first) + upstream.piped
         return Relayed(status, sent, None, "stream_error", first_sent_at, ended_at)
     finally:
@@ -86,19 +87,24 @@ async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> R
     return Relayed(status, len(first) + upstream.piped, usage, "ok", first_sent_at, ended_at)
 
 
-def _broken(request: Request, upstream: UpstreamResponse, dialect: str, last: bytes) -> None:
+def _broken(
+    request: Request, upstream: UpstreamResponse, dialect: str, last: bytes, message: str
+) -> None:
     conn = request.conn
     if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
         conn.abort()
         return
     lead = b"" if last.endswith((b"\n\n", b"\r\n\r\n")) or not last else b"\n\n"
-    conn.write(lead + error_event(dialect))
+    conn.write(lead + error_event(dialect, message))
     conn.end()
 
 
-def error_event(dialect: str) -> bytes:
-    """The final SSE event that tells a streaming client its upstream failed mid-answer."""
-    message = "The model server failed while streaming this response."
+_FAILED = "The model server failed while streaming this response."
+_STOPPED = "The edge stopped while streaming this response; send the request again."
+
+
+def error_event(dialect: str, message: str = _FAILED) -> bytes:
+    """The final SSE event that tells a streaming client its answer ended early."""
     if dialect == ANTHROPIC:
         doc = {"type": "error", "error": {"type": "api_error", "message": message}}
         return b"event: error\ndata: " + orjson.dumps(doc) + b"\n\n"

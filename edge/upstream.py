@@ -63,6 +63,12 @@ class Disconnected(UpstreamError):
     """The connection closed before the response was complete."""
 
 
+class Stopped(UpstreamError):
+    """The edge ended the body itself: its drain deadline passed with the response unfinished."""
+
+    outcome: ClassVar[str] = "stream_error"  # it only happens mid-body
+
+
 class TimedOut(UpstreamError):
     outcome: ClassVar[str] = "timeout"
 
@@ -225,6 +231,13 @@ class UpstreamResponse:
     def set_deadline(self, seconds: float) -> None:
         """Fail the body (and close the connection) `seconds` from now unless it ended."""
         self._deadline = self._loop.call_later(seconds, self._expired, "the total timeout passed")
+
+    def stop(self) -> None:
+        """End the body now, as if the server had failed mid-answer, and close the connection:
+        the relay then ends the client's response in its dialect (an SSE error event)."""
+        if not self._eof and self._conn is not None:
+            self._fail(Stopped("the edge is shutting down"))
+            self._conn.abort()
 
     def _expired(self, reason: str) -> None:
         if not self._eof:

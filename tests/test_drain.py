@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.procs import Procs, free_port
@@ -56,7 +57,13 @@ async def test_sigterm_lets_streams_finish_cuts_the_overdue_and_exits_0(
         assert all(b.endswith(b"data: [DONE]\n\n") for b in bodies)
         cut = await asyncio.wait_for(overdue, timeout=10)
         cut_after = time.monotonic() - sent
-    assert not cut.endswith(b"data: [DONE]\n\n")
+    # The overdue stream ends at the deadline with an error event and a clean end of body (no
+    # reset, no [DONE]): an SSE client learns it should send the request again.
+    events = cut.split(b"\n\n")
+    assert events[-1] == b"" and events[-2].startswith(b"data: {")
+    error = orjson.loads(events[-2][len(b"data: ") :])["error"]
+    assert error["type"] == "server_error" and "send the request again" in error["message"]
+    assert b"[DONE]" not in cut and events[0].startswith(b"data: {")
     assert 1.5 < cut_after < 2.0 + 1.0  # at the drain timeout, not twice it
     assert await asyncio.to_thread(edge.wait, 10) == 0
 

@@ -425,6 +425,9 @@ class FakeSource:
     def resume_reading(self) -> None:
         self.calls.append("resume")
 
+    def stop(self) -> None:
+        self.calls.append("stop")
+
 
 async def test_write_backpressure_reaches_the_source():
     server = Server(echo_path, 100)
