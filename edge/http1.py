@@ -103,7 +103,7 @@ class Request:
     __slots__ = (
         "method", "target", "path", "query_string", "fields", "headers", "raw_headers",
         "version", "keep_alive", "conn", "body", "_chunks", "_size", "_complete", "_waiter",
-        "_limit", "_too_large", "_expect", "_length",
+        "_limit", "_too_large", "_expect", "_length", "_dropping",
     )  # fmt: skip
 
     scheme = "http"  # the edge itself never terminates TLS
@@ -131,6 +131,7 @@ class Request:
         self._length = int(length) if length is not None and length.isdigit() else None
         self._too_large = self._length is not None and self._length > limit
         self._expect = fields.expect
+        self._dropping = False
 
     @property
     def remote(self) -> str:
@@ -169,7 +170,7 @@ class Request:
 
     # fed by the connection
     def _feed(self, data: bytes) -> None:
-        if self._too_large:
+        if self._too_large or self._dropping:
             return
         self._size += len(data)
         if self._size > self._limit:
@@ -178,6 +179,17 @@ class Request:
             self._wake()
             return
         self._chunks.append(data)
+
+    def _unmet_expect(self) -> bool:
+        """Answered without the 100 Continue its client waits for: the body will not come, and
+        neither can a next request on this connection."""
+        return self._expect and not self._complete
+
+    def _drop_rest(self) -> None:
+        # Read to the end and dropped, so the connection can go on to the next request: closing
+        # with body bytes unread would reset it, and the client could lose the answer.
+        self._dropping = True
+        self._chunks.clear()
 
     def _done(self) -> None:
         chunks = self._chunks
@@ -464,6 +476,11 @@ class Connection(asyncio.Protocol):
         if not self._ended:
             self.abort()  # the handler left its response unfinished
             return
+        if not done._complete:  # answered without reading all of its body
+            if done._unmet_expect():
+                self.close()
+                return
+            done._drop_rest()
         if not (done.keep_alive and self._keep) or self.server.closing:
             self.close()
             return
@@ -490,7 +507,11 @@ class Connection(asyncio.Protocol):
                self.server.date().encode(), headers)
         )  # fmt: skip
         self._started = self._ended = True
-        if not (request.keep_alive and self._keep) or self.server.closing:
+        if (
+            not (request.keep_alive and self._keep)
+            or self.server.closing
+            or request._unmet_expect()
+        ):
             head += b"Connection: close\r\n"
         if request.method == "HEAD":
             body = b""
@@ -505,6 +526,7 @@ class Connection(asyncio.Protocol):
         self._started = True
         head = b"HTTP/1.1 %d %s\r\n%b" % (status, reason.encode("latin-1", "replace"), headers)
         keep = request.keep_alive and self._keep and not self.server.closing
+        keep = keep and not request._unmet_expect()
         if status in _NO_BODY:
             self._ended = True
         elif length is not None:

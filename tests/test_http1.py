@@ -467,3 +467,41 @@ async def test_requests_with_the_same_fields_share_them_and_keep_their_own_lengt
     assert first.fields is second.fields and other.fields is not first.fields
     assert [r.content_length for r in seen] == [2, 4, 2]
     assert "Content-Length" not in first.headers and first.headers["User-Agent"] == "x"
+
+
+async def test_a_body_answered_without_reading_is_dropped_and_the_connection_goes_on(start):
+    seen: list[Request] = []
+
+    async def not_found(request: Request) -> None:
+        seen.append(request)
+        request.conn.respond(request, 404, b'{"error":"no such path"}')
+
+    edge = await start(not_found, max_body=1 << 20)
+    reader, writer = await edge.connect()
+    size = 200_000  # past the eager read: the handler answers while the body is on its way
+    writer.write(get("/nowhere", f"Content-Length: {size}\r\n", method="POST"))
+    status, headers, _ = await read_response(reader)
+    assert status == "HTTP/1.1 404 Not Found" and "connection" not in headers
+    for _ in range(size // 10_000):
+        writer.write(b"x" * 10_000)
+        await writer.drain()
+    writer.write(get("/after"))
+    status, _, body = await read_response(reader)
+    assert (status, body) == ("HTTP/1.1 404 Not Found", b'{"error":"no such path"}')
+    assert [r.path for r in seen] == ["/nowhere", "/after"]
+    # Nothing of the unread body was kept.
+    assert seen[0].body == b"" and not seen[0]._chunks
+
+
+async def test_an_unmet_expect_100_continue_ends_the_connection_after_the_answer(start):
+    async def not_found(request: Request) -> None:
+        request.conn.respond(request, 404, b'{"error":"no such path"}')
+
+    edge = await start(not_found, max_body=1 << 20)
+    reader, writer = await edge.connect()
+    writer.write(
+        get("/nowhere", "Content-Length: 200000\r\nExpect: 100-continue\r\n", method="POST")
+    )
+    status, headers, _ = await read_response(reader)  # no 100 Continue before it
+    assert status == "HTTP/1.1 404 Not Found" and headers["connection"] == "close"
+    assert await rest(reader) == b""
