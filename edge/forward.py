@@ -116,7 +116,7 @@ def upstream_headers(
     forwarded = f"{prior}, {peer}" if prior else peer
     # request_id is printable (checked) and the peer an address: nothing here breaks a line.
     block = kept + (
-        b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\nX-Request-ID: %b\r\n"
+        b"X-Forwarded-For: %b\r\nX-Request-ID: %b\r\n"
         % (forwarded.encode("utf-8", "surrogateescape"), request_id.encode("utf-8", "replace"))
     )
     if credentials:
@@ -130,9 +130,9 @@ def _end_to_end(request: Request, keyed: bool) -> bytes:
     listed = request.headers.get("Connection")
     if listed:
         drop = drop | {t.strip().lower().encode() for t in listed.split(",")}
-    return b"".join(
-        [n + b": " + v + b"\r\n" for n, v in request.raw_headers if n.lower() not in drop]
-    )
+    kept = [n + b": " + v + b"\r\n" for n, v in request.raw_headers if n.lower() not in drop]
+    kept.append(b"X-Forwarded-Proto: %b\r\n" % request.fields.proto.encode())
+    return b"".join(kept)
 
 
 class RequestIds:

@@ -81,7 +81,7 @@ class Fields:
     gateway's), so they are decoded once, and what other modules derive from them (the block
     sent upstream) is kept in `memo` instead of being rebuilt per request."""
 
-    __slots__ = ("raw", "headers", "memo", "expect", "chunked")
+    __slots__ = ("raw", "headers", "memo", "expect", "chunked", "proto")
 
     def __init__(self, raw: tuple[tuple[bytes, bytes], ...]) -> None:
         self.raw = raw
@@ -91,6 +91,10 @@ class Fields:
         self.memo: dict[str, bytes] = {}
         self.expect = self.headers.get("Expect", "").lower() == "100-continue"
         self.chunked = "Transfer-Encoding" in self.headers
+        # The edge never terminates TLS; a terminator in front of it says what the client used.
+        # Believing a client that claims https costs only that client: its cookie gets Secure.
+        said = self.headers.get("X-Forwarded-Proto", "").partition(",")[0].strip().lower()
+        self.proto = "https" if said == "https" else "http"
 
     def __repr__(self) -> str:
         return f"<Fields {len(self.raw)} memo={sorted(self.memo)}>"
@@ -105,9 +109,6 @@ class Request:
         "version", "keep_alive", "conn", "body", "_chunks", "_size", "_complete", "_waiter",
         "_limit", "_too_large", "_expect", "_length", "_dropping",
     )  # fmt: skip
-
-    scheme = "http"  # the edge itself never terminates TLS
-    secure = False
 
     def __init__(
         self, conn: Connection, method: str, target: str, fields: Fields, length: bytes | None,
@@ -136,6 +137,14 @@ class Request:
     @property
     def remote(self) -> str:
         return self.conn.peer
+
+    @property
+    def scheme(self) -> str:
+        return self.fields.proto
+
+    @property
+    def secure(self) -> bool:
+        return self.fields.proto == "https"
 
     @property
     def content_length(self) -> int | None:

@@ -208,6 +208,10 @@ async def test_request_headers_hop_by_hop_dropped_and_forwarding_added(fleet):
     assert seen["x-custom"] == "kept" and seen["x-request-id"] == "req-123"
     assert seen["x-forwarded-for"] == "10.1.2.3, 127.0.0.1"
     assert seen["x-forwarded-proto"] == "http"
+    # A TLS terminator's X-Forwarded-Proto goes on (anything but https reads as http).
+    for said, relayed in (("https", "https"), ("HTTPS, http", "https"), ("gopher", "http")):
+        _, doc, _ = await _post(f"{fleet.url}/v1/echo", body, headers={"X-Forwarded-Proto": said})
+        assert {k.lower(): v for k, v in doc["headers"].items()}["x-forwarded-proto"] == relayed
     assert seen["host"].startswith("127.0.0.1:")
     assert doc["body_len"] == len(body)
     assert resp_headers["X-Request-ID"] == "req-123"

@@ -123,6 +123,9 @@ async def test_cookie_attributes_and_no_cookie_when_affinity_is_off(mocks, start
             assert part in cookie
         assert "Secure" not in cookie  # plain HTTP here
         assert resp.headers["X-Edge-Server"] == a.url
+        # Behind a TLS terminator the client spoke https: the cookie must not travel over http.
+        resp, _ = await ask(client, edge, chat("hi"), **{"X-Forwarded-Proto": "https"})
+        assert resp.headers["Set-Cookie"].endswith("; Secure")
     off = await start_edge({"m": [a.url]}, routing__models={"m": {"affinity": False}})
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client:
         resp, _ = await ask(client, off, chat("hi"))
