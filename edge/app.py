@@ -38,7 +38,8 @@ from edge.fleet import FleetView, HostTable
 from edge.forward import Forwarder, make_pool, make_session
 from edge.health import Health, Prober
 from edge.http1 import Server
-from edge.metrics import Metrics, remove_shared
+from edge.metrics import Metrics
+from edge.metricshare import remove_shared
 from edge.server import EdgeHandler, Lifecycle
 from edge.stats import SharedLoad, table_path
 
