@@ -35,15 +35,7 @@ class AccessLog:
     """Writes one line per request to stdout or a file; a no-op when `mode` is off."""
 
     def __init__(self, settings: LogSettings) -> None:
-        self.settings = settings
-        self.sample_rate = settings.sample_rate
-        self._own_fd = settings.mode == "file"
-        self._fd = -1
-        if settings.mode == "file":
-            self._fd = os.open(settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        elif settings.mode == "stdout":
-            self._fd = 1
-        self.enabled = self._fd >= 0
+        self._open(settings)
         self._lines: list[bytes] = []
         self._size = 0
         self.written = 0
@@ -92,10 +84,29 @@ class AccessLog:
                 self.dropped += 1
                 return
 
+    def _open(self, settings: LogSettings) -> None:
+        self.settings = settings
+        self.sample_rate = settings.sample_rate
+        self._own_fd = settings.mode == "file"
+        self._fd = -1
+        if settings.mode == "file":
+            self._fd = os.open(settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        elif settings.mode == "stdout":
+            self._fd = 1
+        self.enabled = self._fd >= 0
+
+    def reopen(self, settings: LogSettings) -> None:
+        """SIGHUP: what is buffered goes to the old file, then the log opens again with
+        `settings`: the same path after logrotate moved the file, or another mode or path.
+        Raises OSError (and keeps the old file) when the new one cannot be opened."""
+        if settings.mode == "file":  # try the new file before letting go of the old one
+            os.close(os.open(settings.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
+        self.close()
+        self._open(settings)
+
     async def run(self) -> None:
-        """Flush every FLUSH_S so that a quiet edge's lines do not wait in the buffer."""
-        if not self.enabled:
-            return
+        """Flush every FLUSH_S so that a quiet edge's lines do not wait in the buffer (a log
+        turned on by a reload is flushed too)."""
         while True:
             await asyncio.sleep(FLUSH_S)
             if self._lines:

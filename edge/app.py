@@ -106,7 +106,8 @@ class Worker:
             self._tasks.append(asyncio.create_task(self.shared.run(hosts), name="shared-load"))
 
     async def reload(self) -> None:
-        """SIGHUP: re-read the config file and every source; connections are untouched."""
+        """SIGHUP: re-read the config file and every source, reopen the access log;
+        connections are untouched."""
         try:
             fresh = config_mod.load(self.config_path) if self.config_path else self.config
         except config_mod.ConfigError as exc:
@@ -119,6 +120,10 @@ class Worker:
         self.forwarder.settings = fresh.upstream
         self.health.reconfigure(fresh.health, fresh.outlier)
         self.prober.reconfigure(fresh.health)
+        try:
+            self.access.reopen(fresh.log)  # also what logrotate's postrotate SIGHUP is for
+        except OSError as exc:
+            log.error("access log not reopened (%s); still writing to the old one", exc)
         await self.discovery.refresh()
         log.info("reloaded: %r", self.view.fleet)
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +164,35 @@ async def test_stdout_mode_from_a_config_file(procs: Procs, tmp_path: Path):
         ("from-stdout", 200, "m")
     ]
     assert SECRET_KEY not in out and "PROMPT-SECRET" not in out
+
+
+async def test_reload_reopens_the_log_after_a_rotation(start_mock, start_edge, tmp_path):
+    log, rotated = tmp_path / "access.log", tmp_path / "access.log.1"
+    a = await start_mock(models=("m1",), name="A", tokens=2)
+    edge = await start_edge({"m1": [a]}, log__mode="file", log__path=str(log))
+    client = openai.AsyncOpenAI(base_url=f"{edge.url}/v1", api_key="k", max_retries=0)
+    messages: Any = [{"role": "user", "content": "hi"}]
+    await client.chat.completions.create(
+        model="m1", messages=messages, extra_headers={"X-Request-ID": "before"}
+    )
+    log.rename(rotated)  # logrotate's move; the edge still holds the moved file open
+    await client.chat.completions.create(
+        model="m1", messages=messages, extra_headers={"X-Request-ID": "buffered"}
+    )
+    await edge.reload()  # SIGHUP (its postrotate step)
+    await client.chat.completions.create(
+        model="m1", messages=messages, extra_headers={"X-Request-ID": "after"}
+    )
+    await client.close()
+    edge.access.flush()
+    assert [line["request_id"] for line in _lines(rotated)] == ["before", "buffered"]
+    assert [line["request_id"] for line in _lines(log)] == ["after"]
+
+
+async def test_a_reload_to_an_unwritable_log_keeps_the_old_one(start_edge, tmp_path):
+    log = tmp_path / "access.log"
+    edge = await start_edge({}, log__mode="file", log__path=str(log))
+    before = edge.access.settings
+    with pytest.raises(OSError):
+        edge.access.reopen(replace(before, path=str(tmp_path / "no-such-dir" / "access.log")))
+    assert edge.access.enabled and edge.access.settings == before
