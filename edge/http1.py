@@ -139,10 +139,6 @@ class Request:
         return self.conn.peer
 
     @property
-    def scheme(self) -> str:
-        return self.fields.proto
-
-    @property
     def secure(self) -> bool:
         return self.fields.proto == "https"
 

@@ -46,8 +46,8 @@ _now = time.monotonic
 class UpstreamError(Exception):
     """An attempt failed before or while reading the response. `reason` is client-safe text."""
 
-    # ClassVar: compiled by mypyc, a plain class attribute would be an instance slot that
-    # subclasses' values never reach.
+    # ClassVar: compiled by mypyc, a plain class attribute of an exception class becomes an
+    # instance attribute that nothing sets.
     outcome: ClassVar[str] = "connect_error"
 
     def __init__(self, reason: str) -> None:
