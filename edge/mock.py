@@ -15,13 +15,25 @@ import os
 import random
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 from multidict import istr
+
+from edge.mockwire import (
+    Events,
+    Turn,
+    anthropic_events,
+    gemini_chunks,
+    gemini_merge,
+    json_array,
+    openai_usage,
+    sse,
+    token_texts,
+)
 
 __all__ = ["MockOptions", "add_arguments", "build_app", "options_from_args", "serve"]
 
@@ -87,33 +99,6 @@ class _Plan:
     tokens: int
 
 
-@dataclass(frozen=True, slots=True)
-class _Turn:
-    """One generated answer: who asked, how much was read, how much is written."""
-
-    model: str
-    prompt: int
-    completion: int
-    truncated: bool
-
-    @property
-    def text(self) -> str:
-        return "".join(_token_texts(self.completion))
-
-    @property
-    def finish(self) -> str:
-        return "length" if self.truncated else "stop"
-
-
-@dataclass(frozen=True, slots=True)
-class _Events:
-    """A stream's events: head right after TTFT, body paced one per chunk delay, then tail."""
-
-    head: Iterable[bytes]
-    body: Iterable[bytes]
-    tail: Iterable[bytes]
-
-
 @dataclass(eq=False)
 class _Reject(Exception):
     """A request answered with an error; the route picks the dialect unless shape is set."""
@@ -154,16 +139,8 @@ def _json(obj: object, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(obj), content_type="application/json")
 
 
-def _sse(obj: object) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
 def _new_id(prefix: str) -> str:
     return prefix + os.urandom(12).hex()
-
-
-def _token_texts(count: int) -> Iterator[str]:
-    return (f"tok{i} " for i in range(1, count + 1))
 
 
 def _words(value: object) -> int:
@@ -234,7 +211,7 @@ async def _read_json(request: web.Request) -> tuple[bytes, dict[str, Any]]:
 
 
 async def _stream(
-    request: web.Request, plan: _Plan, events: _Events, content_type: str = "text/event-stream"
+    request: web.Request, plan: _Plan, events: Events, content_type: str = "text/event-stream"
 ) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
     await resp.prepare(request)
@@ -344,10 +321,10 @@ class _Mock:
             raise _Reject(404, message, param="model", code="model_not_found")
         return raw, body, model
 
-    def turn(self, model: str, prompt: int, plan: _Plan, limit: int | None) -> _Turn:
+    def turn(self, model: str, prompt: int, plan: _Plan, limit: int | None) -> Turn:
         if limit is None or limit >= plan.tokens:
-            return _Turn(model, prompt, plan.tokens, truncated=False)
-        return _Turn(model, prompt, limit, truncated=True)
+            return Turn(model, prompt, plan.tokens, truncated=False)
+        return Turn(model, prompt, limit, truncated=True)
 
     def common(self, model: str, chat: bool, stream: bool) -> dict[str, Any]:
         """Fields every OpenAI answer and chunk shares."""
@@ -382,16 +359,16 @@ class _Mock:
         if chat:
             text = {"message": {"role": "assistant", "content": turn.text}}
         answer["choices"] = [{"index": 0, **text, "logprobs": None, "finish_reason": turn.finish}]
-        answer["usage"] = _openai_usage(turn)
+        answer["usage"] = openai_usage(turn)
         await _pause(plan.ttft_ms)
         return _json(answer)
 
-    def openai_events(self, turn: _Turn, chat: bool, include_usage: bool) -> _Events:
+    def openai_events(self, turn: Turn, chat: bool, include_usage: bool) -> Events:
         base = self.common(turn.model, chat, stream=True)
 
         def chunk(piece: dict[str, Any], finish: str | None = None) -> bytes:
             choice = {"index": 0, **piece, "logprobs": None, "finish_reason": finish}
-            return _sse({**base, "choices": [choice]})
+            return sse({**base, "choices": [choice]})
 
         def token(text: str) -> dict[str, Any]:
             return {"delta": {"content": text}} if chat else {"text": text}
@@ -399,9 +376,9 @@ class _Mock:
         head = [chunk({"delta": {"role": "assistant", "content": ""}})] if chat else []
         tail = [chunk({"delta": {}} if chat else {"text": ""}, turn.finish)]
         if include_usage:
-            tail.append(_sse({**base, "choices": [], "usage": _openai_usage(turn)}))
+            tail.append(sse({**base, "choices": [], "usage": openai_usage(turn)}))
         tail.append(_SSE_DONE)
-        return _Events(head, (chunk(token(t)) for t in _token_texts(turn.completion)), tail)
+        return Events(head, (chunk(token(t)) for t in token_texts(turn.completion)), tail)
 
     async def embeddings(self, request: web.Request, plan: _Plan) -> web.StreamResponse:
         _, body, model = await self.model_body(request)
@@ -462,14 +439,14 @@ class _Mock:
         turn = self.turn(model, prompt, plan, _limit(body, "max_tokens"))
         message = self.anthropic_message(turn)
         if body.get("stream") is True:
-            return await _stream(request, plan, _anthropic_events(message, turn))
+            return await _stream(request, plan, anthropic_events(message, turn))
         message["content"] = [{"type": "text", "text": turn.text}]
         message["stop_reason"] = "max_tokens" if turn.truncated else "end_turn"
         message["usage"]["output_tokens"] = turn.completion
         await _pause(plan.ttft_ms)
         return _json(message)
 
-    def anthropic_message(self, turn: _Turn) -> dict[str, Any]:
+    def anthropic_message(self, turn: Turn) -> dict[str, Any]:
         return {
             "id": _new_id("msg_"),
             "type": "message",
@@ -495,13 +472,13 @@ class _Mock:
         system = body.get("systemInstruction")
         prompt = _prompt(body.get("contents"), "parts")
         prompt += _words(system.get("parts")) if isinstance(system, dict) else 0
-        chunks = _gemini_chunks(self.turn(model, prompt, plan, limit))
+        chunks = gemini_chunks(self.turn(model, prompt, plan, limit))
         if method == "generateContent":
             await _pause(plan.ttft_ms)
-            return _json(_gemini_merge(chunks))
+            return _json(gemini_merge(chunks))
         if request.query.get("alt") == "sse":
-            return await _stream(request, plan, _Events((), map(_sse, chunks), ()))
-        return await _stream(request, plan, _json_array(chunks), "application/json")
+            return await _stream(request, plan, Events((), map(sse, chunks), ()))
+        return await _stream(request, plan, json_array(chunks), "application/json")
 
     # --- misc ---------------------------------------------------------------------
 
@@ -518,71 +495,10 @@ class _Mock:
         return _json({"status": "not_found", "model": model}, 404)
 
 
-def _openai_usage(turn: _Turn) -> dict[str, int]:
-    p, c = turn.prompt, turn.completion
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
 def _encode(vector: tuple[float, ...], encoding: str) -> list[float] | str:
     if encoding == "base64":
         return base64.b64encode(_VECTOR.pack(*vector)).decode()
     return list(vector)
-
-
-def _anthropic(kind: str, **fields: Any) -> bytes:
-    """One Anthropic SSE event; the event name always equals the payload's type."""
-    return (
-        b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **fields}) + b"\n\n"
-    )
-
-
-def _anthropic_events(message: dict[str, Any], turn: _Turn) -> _Events:
-    def delta(text: str) -> bytes:
-        return _anthropic(
-            "content_block_delta", index=0, delta={"type": "text_delta", "text": text}
-        )
-
-    head = (
-        _anthropic("message_start", message=message),
-        _anthropic("content_block_start", index=0, content_block={"type": "text", "text": ""}),
-        _anthropic("ping"),
-    )
-    stop = {"stop_reason": "max_tokens" if turn.truncated else "end_turn", "stop_sequence": None}
-    tail = (
-        _anthropic("content_block_stop", index=0),
-        _anthropic("message_delta", delta=stop, usage={"output_tokens": turn.completion}),
-        _anthropic("message_stop"),
-    )
-    return _Events(head, (delta(t) for t in _token_texts(turn.completion)), tail)
-
-
-def _gemini_chunks(turn: _Turn) -> list[dict[str, Any]]:
-    """One chunk per token; the last one carries the finish reason and usage, like Gemini."""
-    texts = list(_token_texts(turn.completion)) or [""]
-    chunks: list[dict[str, Any]] = [
-        {"candidates": [_candidate(t)], "modelVersion": turn.model} for t in texts
-    ]
-    chunks[-1]["candidates"][0]["finishReason"] = "MAX_TOKENS" if turn.truncated else "STOP"
-    p, c = turn.prompt, turn.completion
-    usage = {"promptTokenCount": p, "candidatesTokenCount": c, "totalTokenCount": p + c}
-    chunks[-1]["usageMetadata"] = usage
-    return chunks
-
-
-def _candidate(text: str) -> dict[str, Any]:
-    return {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
-
-
-def _gemini_merge(chunks: list[dict[str, Any]]) -> dict[str, Any]:
-    text = "".join(c["candidates"][0]["content"]["parts"][0]["text"] for c in chunks)
-    last = chunks[-1]
-    return {**last, "candidates": [{**last["candidates"][0], **_candidate(text)}]}
-
-
-def _json_array(chunks: list[dict[str, Any]]) -> _Events:
-    """Gemini's non-SSE stream: one JSON array whose elements arrive as they are generated."""
-    body = ((b"[" if i == 0 else b",\r\n") + orjson.dumps(c) for i, c in enumerate(chunks))
-    return _Events((), body, (b"]",))
 
 
 def build_app(opts: MockOptions) -> web.Application:
