@@ -117,6 +117,45 @@ class Core0:
         return cpu, min(100.0, max(0.0, busy - cpu) / wall * 100)
 
 
+Targets = dict[str, tuple[Proc | None, str]]  # name -> (proxy, or None for direct; its URL)
+Round = Callable[[Proc | None, str], dict[str, Any]]
+_FAILED = (RuntimeError, OSError, subprocess.SubprocessError, ValueError)
+
+
+def in_turns(targets: Targets, rounds: int, label: str, measure: Round) -> dict[str, Any]:
+    """`measure` on every target, in turns: round r of each before round r+1 of any, so a drift
+    of the machine's speed hits every target alike. Each target's rounds merged by `merge`."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    for r in range(rounds):
+        for name, (proxy, url) in targets.items():
+            log(f"{label} round {r + 1}/{rounds}: {name}")
+            try:
+                runs[name].append(measure(proxy, url))
+            except _FAILED as exc:
+                runs[name].append({"error": str(exc)[:500]})
+                log(f"{name}: {exc}")
+    return runs
+
+
+def merge(
+    rounds: list[dict[str, Any]], medians: tuple[str, ...], sums: tuple[str, ...]
+) -> dict[str, Any]:
+    """One figure per target from its rounds: the median of each of `medians` (with its
+    per-round values under runs_KEY), the total of each of `sums`; a target none of whose
+    rounds ran gives its last error."""
+    whole = [r for r in rounds if "error" not in r]
+    if not whole:
+        return rounds[-1]
+    out: dict[str, Any] = {key: sum(int(r.get(key, 0)) for r in whole) for key in sums}
+    out["first_error"] = next((r["first_error"] for r in whole if r.get("first_error")), [])
+    for key in medians:
+        values = [float(r[key]) for r in whole if key in r]
+        if values:
+            out[key] = statistics.median(values)
+            out["runs_" + key] = [r.get(key) for r in whole]
+    return out
+
+
 def f1_round(proxy: Proc | None, url: str) -> dict[str, Any]:
     core = Core0(proxy)
     result = wrk(url, F1_SECONDS)
@@ -126,35 +165,13 @@ def f1_round(proxy: Proc | None, url: str) -> dict[str, Any]:
     return result
 
 
-def f1(targets: dict[str, tuple[Proc | None, str]]) -> dict[str, dict[str, Any]]:
-    """F1 for every target, in turns: round r of each before round r+1 of any."""
+def f1(targets: Targets) -> dict[str, dict[str, Any]]:
+    """F1 for every target, F1_ROUNDS rounds in turns after a warm-up."""
     for _proxy, url in targets.values():
         wrk(url, F1_WARM_SECONDS)
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
-    for r in range(F1_ROUNDS):
-        for name, (proxy, url) in targets.items():
-            log(f"F1 round {r + 1}/{F1_ROUNDS}: {name}")
-            runs[name].append(f1_round(proxy, url))
-    return {name: _median_run(rounds) for name, rounds in runs.items()}
-
-
-def _median_run(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    def median(key: str) -> float | None:
-        values = [float(r[key]) for r in rounds if key in r]
-        return statistics.median(values) if values else None
-
-    out: dict[str, Any] = {
-        "rps": median("rps"),
-        "errors": sum(int(r["errors"]) for r in rounds),
-        "requests": sum(int(r["requests"]) for r in rounds),
-        "core0_others_pct": median("core0_others_pct"),
-        "runs_rps": [r["rps"] for r in rounds],
-    }
-    cpu = median("cpu_us_per_req")
-    if cpu is not None:
-        out["cpu_us_per_req"] = cpu
-        out["runs_cpu_us_per_req"] = [r.get("cpu_us_per_req") for r in rounds]
-    return out
+    runs = in_turns(targets, F1_ROUNDS, "F1", f1_round)
+    figures = ("rps", "cpu_us_per_req", "core0_others_pct")
+    return {name: merge(rounds, figures, ("errors", "requests")) for name, rounds in runs.items()}
 
 
 def f2_round(proxy: Proc | None, url: str) -> dict[str, Any]:
@@ -165,31 +182,12 @@ def f2_round(proxy: Proc | None, url: str) -> dict[str, Any]:
     return result
 
 
-def f2(targets: dict[str, tuple[Proc | None, str]]) -> dict[str, dict[str, Any]]:
+def f2(targets: Targets) -> dict[str, dict[str, Any]]:
     """F2 for every target, in turns as F1: a p99 is the few slowest requests of a round, so
     one stall of the shared machine moves a single round's figure a lot."""
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
-    for r in range(F2_ROUNDS):
-        for name, (proxy, url) in targets.items():
-            log(f"F2 ({F2_RATE}/s) round {r + 1}/{F2_ROUNDS}: {name}")
-            runs[name].append(f2_round(proxy, url))
-    out = {}
-    for name, rounds in runs.items():
-
-        def median(key: str, rounds: list[dict[str, Any]] = rounds) -> float:
-            values = [float(r[key]) for r in rounds if key in r]
-            return statistics.median(values) if values else float("nan")
-
-        out[name] = {
-            "p50_ms": median("p50_ms"), "p99_ms": median("p99_ms"),
-            "requests": sum(int(r.get("requests", 0)) for r in rounds),
-            "errors": sum(int(r.get("errors", 0)) for r in rounds),
-            "first_error": next((r["first_error"] for r in rounds if r.get("first_error")), []),
-            "core0_others_pct": median("core0_others_pct"),
-            "runs_p50_ms": [r.get("p50_ms") for r in rounds],
-            "runs_p99_ms": [r.get("p99_ms") for r in rounds],
-        }  # fmt: skip
-    return out
+    runs = in_turns(targets, F2_ROUNDS, f"F2 ({F2_RATE}/s)", f2_round)
+    figures = ("p50_ms", "p99_ms", "core0_others_pct")
+    return {name: merge(rounds, figures, ("errors", "requests")) for name, rounds in runs.items()}
 
 
 def f3(proxy: Proc | None, url: str) -> dict[str, Any]:
@@ -202,6 +200,14 @@ def f3(proxy: Proc | None, url: str) -> dict[str, Any]:
     return result
 
 
+def f3_rounds(targets: Targets) -> dict[str, dict[str, Any]]:
+    """F3 for every target, F3_ROUNDS rounds in turns; the streams and bytes checked summed."""
+    runs = in_turns(targets, F3_ROUNDS, f"F3 ({F3_STREAMS} streams)", f3)
+    figures = ("cpu_us_per_chunk", "ttfc_p50_ms", "ttfc_p99_ms")
+    checked = ("streams", "completed", "intact", "errors", "chunks")
+    return {name: merge(rounds, figures, checked) for name, rounds in runs.items()}
+
+
 def f4(proxy: Proc, url: str, release: str, big: int) -> dict[str, Any]:
     result: dict[str, Any] = {"rss_start": rss_bytes(proxy.pid)}
     for n in (F4_SMALL, big):
@@ -211,53 +217,37 @@ def f4(proxy: Proc, url: str, release: str, big: int) -> dict[str, Any]:
     return result
 
 
-def f3_rounds(targets: dict[str, tuple[Proc | None, str]]) -> dict[str, dict[str, Any]]:
-    """F3 for every target, in turns as F1, F3_ROUNDS rounds; medians of the per-round figures,
-    sums of the streams and bytes checked."""
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
-    for r in range(F3_ROUNDS):
-        for name, (proxy, url) in targets.items():
-            log(f"F3 ({F3_STREAMS} streams) round {r + 1}/{F3_ROUNDS}: {name}")
-            try:
-                runs[name].append(f3(proxy, url))
-            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
-                runs[name].append({"error": str(exc)[:500]})
-                log(f"{name}: {exc}")
-    out: dict[str, dict[str, Any]] = {}
-    for name, rounds in runs.items():
-        whole = [r for r in rounds if "streams" in r]
-        if not whole:
-            out[name] = rounds[-1]
+def start_all(
+    targets: dict[str, Callable[[str, str], Proc | None]], upstream: str, tag: str,
+    results: dict[str, dict[str, Any]],
+) -> Targets:  # fmt: skip
+    """Every target started in front of `upstream`; one that fails to start has its error in
+    `results` and is left out."""
+    started: Targets = {}
+    for name, start in targets.items():
+        try:
+            proxy = start(upstream, tag)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            results[name]["error"] = str(exc)[:500]
+            log(f"{name}: {exc}")
             continue
-        merged: dict[str, Any] = {
-            key: sum(int(r[key]) for r in whole)
-            for key in ("streams", "completed", "intact", "errors", "chunks")
-        }
-        merged["first_error"] = next((r["first_error"] for r in whole if r["first_error"]), [])
-        for key in ("cpu_us_per_chunk", "ttfc_p50_ms", "ttfc_p99_ms"):
-            values = [float(r[key]) for r in whole if key in r]
-            if values:
-                merged[key] = statistics.median(values)
-        merged["runs_cpu_us_per_chunk"] = [r.get("cpu_us_per_chunk") for r in whole]
-        out[name] = merged
-    return out
+        started[name] = (proxy, proxy.url if proxy else upstream)
+    return started
+
+
+def stop_all(started: Targets) -> None:
+    for proxy, _ in started.values():
+        if proxy:
+            proxy.stop()
 
 
 def run_streams(
     targets: dict[str, Callable[[str, str], Proc | None]], streams: Proc, big: int
 ) -> dict[str, dict[str, Any]]:
     """F3 (in turns) and F4 for every target, all started in front of the streaming upstream."""
-    started: dict[str, tuple[Proc | None, str]] = {}
     results: dict[str, dict[str, Any]] = {name: {} for name in targets}
+    started = start_all(targets, streams.url, "streams", results)
     try:
-        for name, start in targets.items():
-            try:
-                proxy = start(streams.url, "streams")
-            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                results[name]["error"] = str(exc)[:500]
-                log(f"{name}: {exc}")
-                continue
-            started[name] = (proxy, proxy.url if proxy else streams.url)
         for name, f3_result in f3_rounds(started).items():
             results[name]["f3"] = f3_result
         for name, (proxy, url) in started.items():
@@ -266,14 +256,12 @@ def run_streams(
             log(f"{name}: F4 (idle streams)")
             try:
                 results[name]["f4"] = f4(proxy, url, streams.url + "/release", big)
-            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
+            except _FAILED as exc:
                 results[name]["f4"] = {"error": str(exc)[:500]}
                 log(f"{name}: {exc}")
             proxy.stop()  # F4's streams leave a proxy large; the next one starts level
     finally:
-        for proxy, _ in started.values():
-            if proxy:
-                proxy.stop()
+        stop_all(started)
     return results
 
 
@@ -281,25 +269,15 @@ def run_plain(
     targets: dict[str, Callable[[str, str], Proc | None]], plain: str
 ) -> dict[str, dict[str, Any]]:
     """F1 (in turns) and F2 for every target, all started in front of the plain upstream."""
-    started: dict[str, tuple[Proc | None, str]] = {}
     results: dict[str, dict[str, Any]] = {name: {} for name in targets}
+    started = start_all(targets, plain, "plain", results)
     try:
-        for name, start in targets.items():
-            try:
-                proxy = start(plain, "plain")
-            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                results[name]["error"] = str(exc)[:500]
-                log(f"{name}: {exc}")
-                continue
-            started[name] = (proxy, proxy.url if proxy else plain)
         for name, f1_result in f1(started).items():
             results[name]["f1"] = f1_result
         for name, f2_result in f2(started).items():
             results[name]["f2"] = f2_result
     finally:
-        for proxy, _ in started.values():
-            if proxy:
-                proxy.stop()
+        stop_all(started)
     return results
 
 

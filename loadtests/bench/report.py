@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import operator
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 MB = 1024 * 1024
@@ -94,33 +96,26 @@ def _verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("**pass**" if ok else "miss")
 
 
-def _paired(mine: Any, theirs: Any) -> float | None:
-    """The median of per-round ratios: rounds taken seconds apart share the machine's state,
-    so this moves less with its drift than the ratio of the two medians."""
+def _per_round(mine: Any, theirs: Any, op: Callable[[float, float], float]) -> float | None:
+    """The median of `op` over the rounds, pairing each round of one target with the same round
+    of another: rounds taken seconds apart share the machine's state, so this moves less with
+    its drift than `op` of the two medians."""
     if not isinstance(mine, list) or not isinstance(theirs, list) or len(mine) != len(theirs):
         return None
-    ratios = [a / b for a, b in zip(mine, theirs, strict=True) if b]
-    return statistics.median(ratios) if ratios else None
-
-
-def _paired_added(mine: Any, direct: Any) -> float | None:
-    """The median of per-round differences (each round's direct run taken seconds before)."""
-    if not isinstance(mine, list) or not isinstance(direct, list) or len(mine) != len(direct):
-        return None
-    diffs = [a - b for a, b in zip(mine, direct, strict=True) if a is not None and b is not None]
-    return statistics.median(diffs) if diffs else None
+    pairs = [(a, b) for a, b in zip(mine, theirs, strict=True) if a is not None and b]
+    return statistics.median(op(a, b) for a, b in pairs) if pairs else None
 
 
 def bar(results: dict[str, Any], big: int, cpus: int = 2) -> list[str]:
     e, n, v = (results.get(k, {}) for k in ("edge", "nginx", "vllm-router"))
     f1_v = _ratio(_get(e, "f1", "rps"), _get(v, "f1", "rps"))
     f1_n = _ratio(_get(e, "f1", "rps"), _get(n, "f1", "rps"))
-    f1_paired = _paired(_get(e, "f1", "runs_rps"), _get(v, "f1", "runs_rps"))
+    f1_paired = _per_round(_get(e, "f1", "runs_rps"), _get(v, "f1", "runs_rps"), operator.truediv)
     # CPU per request compares the work done, whatever share of core 0 others took meanwhile.
     cpu_v = _ratio(_get(v, "f1", "cpu_us_per_req"), _get(e, "f1", "cpu_us_per_req"))
     p99 = _added(results, "edge", "p99_ms")
-    p99_paired = _paired_added(
-        _get(e, "f2", "runs_p99_ms"), _get(results, "direct", "f2", "runs_p99_ms")
+    p99_paired = _per_round(
+        _get(e, "f2", "runs_p99_ms"), _get(results, "direct", "f2", "runs_p99_ms"), operator.sub
     )
     f3_v = _ratio(_get(e, "f3", "cpu_us_per_chunk"), _get(v, "f3", "cpu_us_per_chunk"))
     f3_n = _ratio(_get(e, "f3", "cpu_us_per_chunk"), _get(n, "f3", "cpu_us_per_chunk"))
