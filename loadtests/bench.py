@@ -15,7 +15,10 @@ core 1. The figures (the issue's F1-F5):
       (F3_ROUNDS rounds), medians reported.
 - F4  proxy RSS after start, then with 1,000 and ~10,000 idle open streams, which must all
       complete once released.
-- F5  F1 with `edge serve --workers 2` (on both cores) against `--workers 1` (on one).
+- F5  F1 with `edge serve --workers 2` against `--workers 1`, in turns: each worker pinned to a
+      core of its own and held to F5_SHARE of it by a CPU quota (loadtests/bench/quota.py), so
+      two workers, wrk and the upstream fit on a 2-core machine; and, for information,
+      `--workers 2` unbounded on both cores (the second sharing core 1 with the load).
 
 Non-streaming requests go to an nginx `return 200` upstream (faster than any Python server, so
 it never limits a proxy); streams go to loadtests/bench/upstream.py. Results: bench-results/
@@ -38,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadtests.bench import report  # noqa: E402
+from loadtests.bench import quota, report  # noqa: E402
 from loadtests.bench.procfs import core_busy_seconds, cpu_seconds, rss_bytes  # noqa: E402
 from loadtests.bench.targets import (  # noqa: E402
     LOAD_CORE,
@@ -68,6 +71,7 @@ F2_RATE, F2_SECONDS, F2_ROUNDS = 300, 1 if QUICK else 5, 1 if QUICK else 3
 F3_ROUNDS = 1 if QUICK else 3
 F3_STREAMS, F3_CHUNKS, F3_CHUNK_MS = 50, 200, 5
 F4_SMALL, F4_BIG = 1000, 2000 if QUICK else 10000
+F5_SHARE = 0.5  # of a core, per worker: wrk and the upstream need ~0.2 core at that load
 
 
 def log(message: str) -> None:
@@ -217,6 +221,27 @@ def f4(proxy: Proc, url: str, release: str, big: int) -> dict[str, Any]:
     return result
 
 
+def f5(launch: Launcher, work: Path, plain: str) -> dict[str, Any]:
+    """F1 for `--workers 1` and `--workers 2` in turns, every worker held to F5_SHARE of a core
+    of its own; {"error": why} where CPU quotas cannot be set."""
+    why = quota.unavailable()
+    if why:
+        return {"error": why, "share": F5_SHARE}
+    held = quota.Quota("f5")
+    one = edge(launch, work, plain, workers=1, tag="-f5-1")
+    two = edge(launch, work, plain, workers=2, tag="-f5-2")
+    try:
+        held.hold(one.pid, F5_SHARE, int(PROXY_CORE))
+        for core, pid in enumerate(quota.workers(two.pid)):
+            held.hold(pid, F5_SHARE, core)
+        targets: Targets = {"--workers 1": (one, one.url), "--workers 2": (two, two.url)}
+        return {**f1(targets), "share": F5_SHARE, "throttled_periods": held.throttled()}
+    finally:
+        one.stop()
+        two.stop()
+        held.close()
+
+
 def start_all(
     targets: dict[str, Callable[[str, str], Proc | None]], upstream: str, tag: str,
     results: dict[str, dict[str, Any]],
@@ -326,7 +351,9 @@ def main() -> int:
         results.update(run_plain(targets, plain))
         for name, result in run_streams(targets, streams, big).items():
             results[name].update(result)
-        log("edge --workers 2: F5")
+        log(f"F5: --workers 1 and 2, each worker held to {F5_SHARE} of a core")
+        results["edge, quota"] = {"f5": f5(launch, work, plain)}
+        log("F5: edge --workers 2 unbounded")
         two = edge(launch, work, plain, workers=2, tag="-workers2")
         results["edge --workers 2"] = {
             "f1": f1({"edge --workers 2": (two, two.url)})["edge --workers 2"]
