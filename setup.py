@@ -33,6 +33,7 @@ HOT = (
     "stats",
     "forward",
     "upstream",
+    "chunked",
     "relay",
     "usage",
     "metrics",

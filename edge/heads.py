@@ -33,15 +33,19 @@ _OPTIONS = frozenset({b"close", b"keep-alive", b""})  # Connection values that n
 class Head:
     """What the relay needs from one response head."""
 
-    __slots__ = ("relayed", "length", "framed")
+    __slots__ = ("relayed", "length", "framed", "chunked")
 
-    def __init__(self, relayed: bytes, length: int | None, framed: bool) -> None:
+    def __init__(
+        self, relayed: bytes, length: int | None, framed: bool, chunked: bool = False
+    ) -> None:
         self.relayed = relayed  # the end-to-end header lines, as the server sent them
         self.length = length  # Content-Length, if any
         self.framed = framed  # Content-Length or Transfer-Encoding (else: ends at close)
+        # Transfer-Encoding ending in chunked, and no Content-Length (edge/chunked.py reads it)
+        self.chunked = chunked
 
     def __repr__(self) -> str:
-        return f"<Head length={self.length} framed={self.framed}>"
+        return f"<Head length={self.length} framed={self.framed} chunked={self.chunked}>"
 
 
 def read(block: bytes) -> Head:
@@ -49,7 +53,7 @@ def read(block: bytes) -> Head:
     kept: list[tuple[bytes, bytes]] = []
     listed: set[bytes] = set()
     length: int | None = None
-    framed = False
+    framed = chunked = sized = False
     for line in lines:
         name, sep, value = line.partition(b":")
         if not sep:
@@ -58,17 +62,18 @@ def read(block: bytes) -> Head:
         if lowered in _NOT_RELAYED:
             value = value.strip()
             if lowered == b"content-length":
-                framed = True
+                framed = sized = True
                 length = int(value) if value.isdigit() else None
             elif lowered == b"transfer-encoding":
                 framed = True
+                chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
             elif lowered == b"connection":
                 listed.update(t.strip().lower() for t in value.split(b","))
         else:
             kept.append((lowered, line))
     listed -= _OPTIONS
     relayed = b"".join([line + b"\r\n" for lowered, line in kept if lowered not in listed])
-    return Head(relayed, length, framed)
+    return Head(relayed, length, framed, chunked and not sized)
 
 
 class Seen(Generic[K, V]):

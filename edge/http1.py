@@ -570,6 +570,11 @@ class Connection(asyncio.Protocol):
     def paused(self) -> bool:
         return self._write_paused
 
+    @property
+    def chunked(self) -> bool:
+        """The body `start` began is chunked: `write_raw` takes pieces framed already."""
+        return self._chunked
+
     async def drain(self) -> None:
         """Wait while the client's socket buffer is above its high-water mark."""
         while self._write_paused and not self.closed:

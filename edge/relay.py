@@ -4,9 +4,11 @@ Nothing is parsed per piece. A body the first read already holds whole (most non
 answers) goes out with its head in one write. Any other is piped: the upstream connection's
 parser hands each piece straight to the client connection's transport (`UpstreamResponse.pipe`),
 with no task switch and no buffer in between; when the client's socket backs up, the upstream
-socket stops being read. The relay keeps references to the first piece and the last two, and
-only after the last byte went out does it look there for `usage` (OpenAI's usage object or
-`include_usage` chunk, Anthropic's message_start/message_delta, Gemini's usageMetadata).
+socket stops being read. A chunked stream to an HTTP/1.1 client (the usual SSE answer) keeps
+the framing it came with: each piece read goes out as it is, once edge/chunked.py checked it.
+The relay keeps references to the first piece and the last two, and only after the last byte
+went out does it look there for `usage` (OpenAI's usage object or `include_usage` chunk,
+Anthropic's message_start/message_delta, Gemini's usageMetadata).
 
 After the status is committed, an upstream that fails cannot be retried: an SSE stream ends with
 an error event in the client's dialect and a clean close; any other body is cut off (the client
@@ -20,6 +22,7 @@ import time
 
 import orjson
 
+from edge.chunked import unframe
 from edge.forward import Upstream
 from edge.http1 import Request
 from edge.metrics import Usage
@@ -71,29 +74,38 @@ async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> R
     if conn.paused:
         upstream.pause_reading()
     try:
-        await upstream.pipe(conn.write)
+        await upstream.pipe(conn.write, conn.write_raw if conn.chunked else None)
     except UpstreamError as exc:
         ended_at = time.monotonic()
         message = _STOPPED if isinstance(exc, Stopped) else _FAILED
-        _broken(request, upstream, dialect, upstream.last or first, message)
-        sent = len(first) + upstream.piped
+        _broken(request, upstream, dialect, first, message)
+        sent = len(first) + upstream.body_piped
         return Relayed(status, sent, None, "stream_error", first_sent_at, ended_at)
     finally:
         conn.source = None
     ended_at = time.monotonic()
     conn.end()
     prev, last = upstream.prev, upstream.last
-    usage = read_usage(first, prev + last if prev else first + last)
-    return Relayed(status, len(first) + upstream.piped, usage, "ok", first_sent_at, ended_at)
+    tail = prev + last if prev else first + last
+    usage = read_usage(first, unframe(tail) if upstream.raw else tail)
+    return Relayed(status, len(first) + upstream.body_piped, usage, "ok", first_sent_at, ended_at)
 
 
 def _broken(
-    request: Request, upstream: UpstreamResponse, dialect: str, last: bytes, message: str
+    request: Request, upstream: UpstreamResponse, dialect: str, first: bytes, message: str
 ) -> None:
     conn = request.conn
     if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
         conn.abort()
         return
+    last = upstream.last or first
+    if upstream.raw:
+        chunks = upstream.chunks
+        if chunks is None or not chunks.at_boundary:
+            conn.abort()  # the client holds part of a chunk: no event can follow it
+            return
+        if upstream.last:
+            last = last[:-2]  # the CRLF that ended the chunk
     lead = b"" if last.endswith((b"\n\n", b"\r\n\r\n")) or not last else b"\n\n"
     conn.write(lead + error_event(dialect, message))
     conn.end()

@@ -4,8 +4,9 @@ Why not aiohttp's ClientSession here: measured side by side, its per-request mac
 and response objects, tracing hooks, timers, payload wrappers, a StreamReader per response) costs
 about three times what aiohttp's own server costs per request, and it sits on every proxied call.
 This client keeps only what a proxy needs: keep-alive connections pooled per origin, one write per
-request, a C parser (httptools, llhttp) feeding body bytes straight to the reader, and timers
-armed only while someone actually waits.
+request, a C parser (httptools, llhttp) for heads and sized bodies, a checking reader for chunked
+ones (edge/chunked.py: the relay passes their framing through), and timers armed only while
+someone actually waits.
 
 Theory of operation: a `_Conn` is an asyncio Protocol owning one socket and one parser. `post()`
 takes an idle connection (or opens one), writes the request, and waits for the response head. The
@@ -36,7 +37,7 @@ import httptools
 from aiohttp.abc import AbstractResolver
 from multidict import CIMultiDict
 
-from edge import heads
+from edge import chunked, heads
 
 _HIGH_WATER = 256 * 1024  # buffered body bytes before the socket stops being read
 _DNS_TTL_S = 60.0
@@ -105,7 +106,7 @@ class UpstreamResponse:
 
     __slots__ = (
         "status", "reason", "_headers", "block", "head", "read_timeout", "piped",
-        "last", "prev",
+        "last", "prev", "raw", "chunks",
         "_conn", "_loop", "_buf", "_size", "_eof", "_exc", "_waiter", "_paused", "_deadline",
         "_sink", "_ended", "_fed_at", "_idle",
     )  # fmt: skip
@@ -133,8 +134,10 @@ class UpstreamResponse:
         self._ended: asyncio.Future[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._fed_at = 0.0
-        self.piped = 0  # body bytes handed to the sink
+        self.piped = 0  # bytes handed to the sink
         self.last = self.prev = b""  # the last two pieces piped, where a stream's usage is
+        self.chunks: chunked.Chunks | None = None  # the reader of a chunked body
+        self.raw = False  # piping the chunked framing as it came (see `pipe`)
 
     @property
     def headers(self) -> CIMultiDict[str]:
@@ -175,11 +178,17 @@ class UpstreamResponse:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def pipe(self, sink: Callable[[bytes], None]) -> asyncio.Future[None]:
+    def pipe(
+        self, sink: Callable[[bytes], None], raw_sink: Callable[[bytes], None] | None = None
+    ) -> asyncio.Future[None]:
         """From now on every body piece goes to `sink` as the parser emits it, with no task
         switch per piece; the future ends with the body (UpstreamError if it broke). Reads
         pause and resume through `pause_reading`/`resume_reading` (the client's flow control),
-        and a gap longer than `read_timeout` fails the body."""
+        and a gap longer than `read_timeout` fails the body.
+
+        `raw_sink`, for a client whose body is chunked too: a chunked body (between chunks
+        now) then goes there as the bytes that arrived, framing and all, up to its last chunk
+        (`raw` tells which happened); what was buffered before goes to `sink`."""
         loop = self._loop
         self._ended = ended = loop.create_future()
         if self._buf:
@@ -189,10 +198,20 @@ class UpstreamResponse:
         if self._exc is not None or self._eof:
             self._settle()
             return ended
+        chunks = self.chunks
+        if raw_sink is not None and chunks is not None and chunks.at_boundary:
+            self.raw = True
+            sink = raw_sink
         self._sink = sink
         self._fed_at = _now()
         self._idle = loop.call_later(self.read_timeout, self._idle_check)
         return ended
+
+    @property
+    def body_piped(self) -> int:
+        """Body bytes handed to the sink (raw pieces hold framing too)."""
+        chunks = self.chunks
+        return self.piped - chunks.framing if self.raw and chunks is not None else self.piped
 
     def _record(self, data: bytes) -> None:
         self.piped += len(data)
@@ -328,6 +347,7 @@ class _Conn(asyncio.Protocol):
         self.origin = origin
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self.chunks: chunked.Chunks | None = None  # reading a chunked body (not the parser)
         self.response: UpstreamResponse | None = None
         self.waiter: asyncio.Future[UpstreamResponse] | None = None
         self.head = b""  # bytes of the response head, gathered until the parser has it all
@@ -347,13 +367,67 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received = True
-        if self.response is None:
-            self.head += data  # the head is relayed from these bytes (edge/heads.py)
+        chunks = self.chunks
+        if chunks is not None:
+            self._chunk(chunks, data)
+            return
+        if self.response is not None:
+            self._parse(data)
+            return
+        start = len(self.head)
+        self.head += data  # the head is relayed from these bytes (edge/heads.py)
+        head = self.head
+        # One search tells most answers (sized ones) from a chunked one ("Chunked" or another
+        # spelling goes the parser's way: correct, only not passed through).
+        if head.find(b"chunked") < 0:
+            self._parse(data)
+            return
+        end = head.find(b"\r\n\r\n", start - 3 if start > 3 else 0)
+        if end < 0:
+            self._parse(data)  # the head is not whole yet
+            return
+        # The parser gets the head alone: a chunked body is then read by edge/chunked.py.
+        cut = end + 4 - start
+        if self._parse(data if cut >= len(data) else data[:cut]):
+            self._after_head(data[cut:] if cut < len(data) else b"")
+
+    def _chunk(self, chunks: chunked.Chunks, data: bytes) -> None:
+        response = self.response
+        if response is None:  # bytes after a body that was read to its end
+            self.abort()
+            return
+        try:
+            out = chunks.feed(data, response.raw)
+        except chunked.Malformed as exc:
+            if exc.good:
+                response.feed(exc.good)
+            self._broken(Malformed("malformed chunked body from the server"))
+            self.abort()
+            return
+        if len(out):
+            response.feed(out)
+        if chunks.done:
+            response.feed_eof()
+
+    def _after_head(self, rest: bytes) -> None:
+        """A head was parsed, and `rest` came after it: a chunked body goes to edge/chunked.py;
+        anything else (a sized body, or what follows an interim 1xx) to the parser."""
+        response = self.response
+        if response is not None and response.head.chunked and not response._eof:
+            self.chunks = response.chunks = chunked.Chunks()
+            if rest:
+                self.data_received(rest)
+        elif rest:
+            self._parse(rest)
+
+    def _parse(self, data: bytes) -> bool:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             self._broken(Malformed("malformed response from the server"))
             self.abort()
+            return False
+        return True
 
     def eof_received(self) -> bool:
         return False  # close our end too; a half-open upstream is of no use
@@ -408,6 +482,9 @@ class _Conn(asyncio.Protocol):
         assert self.transport is not None
         self.waiter = self.loop.create_future()
         self.response = None
+        if self.chunks is not None:  # the parser stopped at the last head: a fresh one
+            self.chunks = None
+            self.parser = httptools.HttpResponseParser(self)
         self.head = b""
         self.received = False
         self.uses += 1
@@ -417,6 +494,9 @@ class _Conn(asyncio.Protocol):
     def finish(self, reusable: bool) -> None:
         self.waiter = None
         self.response = None
+        chunks = self.chunks
+        if chunks is not None and chunks.extra:
+            reusable = False  # bytes after the end of the body: this server is not to be trusted
         if reusable and self.keep_alive and not self.closed:
             # A relay paused by a slow client may have met the end of the body while paused:
             # the next request on this connection must find it reading.

@@ -201,3 +201,107 @@ def test_usage_skips_null_usage_and_keys_that_are_not_objects():
     # An object cut off at the end of the window, or one that is not JSON, gives no usage.
     assert read_usage(b"", b'data: {"usage":{"prompt_tokens":2,"completion_tokens":') is None
     assert read_usage(b"", b'{"usage":{"prompt_tokens":2,}}') is None
+
+
+# --- chunked passthrough (edge/chunked.py): the upstream's framing goes to an HTTP/1.1 client
+
+
+async def _raw_exchange(url: str, request: bytes, pieces: list[bytes], upstream: RawUpstream):
+    """Send `request` on a plain socket and read until the edge closes; the upstream sends the
+    first of `pieces`, and the rest once the answer began (so the body is streamed)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        upstream.pieces.put_nowait(pieces[0])
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        for piece in pieces[1:]:
+            upstream.pieces.put_nowait(piece)
+        upstream.pieces.put_nowait(None)
+        return head + await asyncio.wait_for(reader.read(), timeout=5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def _request(version: bytes) -> bytes:
+    return (
+        b"POST /v1/chat/completions HTTP/" + version + b"\r\nHost: edge\r\n"
+        b"Content-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (len(CHAT), CHAT)
+    )
+
+
+USAGE_EVENT = b'data: {"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":22}}\n\n'
+# The usage event split across three chunks (one with an extension), then [DONE] and a trailer.
+SPLIT_STREAM = [
+    b'f\r\ndata: {"n":1}\n\n\r\n',
+    b"%x\r\n%b\r\n%x;ext=1\r\n%b\r\n" % (20, USAGE_EVENT[:20], 25, USAGE_EVENT[20:45]),
+    b"%x\r\n%b\r\ne\r\ndata: [DONE]\n\n\r\n" % (len(USAGE_EVENT) - 45, USAGE_EVENT[45:]),
+    b"0\r\nX-Trailer: up\r\n\r\n",
+]
+DECODED = b'data: {"n":1}\n\n' + USAGE_EVENT + b"data: [DONE]\n\n"
+
+
+async def test_chunk_framing_passes_through_and_usage_is_read_across_chunks(start_edge):
+    from tests.test_metrics import scrape, total
+
+    upstream = RawUpstream(SSE_HEAD)
+    url = await upstream.start()
+    edge = await start_edge({"raw": [url]})
+    wire = await _raw_exchange(edge.url, _request(b"1.1"), SPLIT_STREAM, upstream)
+    head, _, body = wire.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    # The first piece is framed by the edge (it was read before the answer began); the rest
+    # goes out as the upstream framed it, and the edge ends the body without the trailer.
+    assert body == b'f\r\ndata: {"n":1}\n\n\r\n' + b"".join(SPLIT_STREAM[1:3]) + b"0\r\n\r\n"
+    async with aiohttp.ClientSession() as client:
+        s = await scrape(client, edge.url)
+    assert total(s, "edge_tokens_total", type="prompt") == 11
+    assert total(s, "edge_tokens_total", type="completion") == 22
+    assert total(s, "edge_response_bytes_total") == len(DECODED)  # the body, not its framing
+    await upstream.close()
+
+
+async def test_an_http10_client_gets_the_chunked_body_decoded(start_edge):
+    upstream = RawUpstream(SSE_HEAD)
+    url = await upstream.start()
+    edge = await start_edge({"raw": [url]})
+    wire = await _raw_exchange(edge.url, _request(b"1.0"), SPLIT_STREAM, upstream)
+    head, _, body = wire.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and body == DECODED
+    await upstream.close()
+
+
+async def test_bad_chunk_framing_mid_stream_ends_with_an_error_event(start_edge):
+    upstream = RawUpstream(SSE_HEAD)
+    url = await upstream.start()
+    edge = await start_edge({"raw": [url]})
+    first, second = chunked([b'data: {"n":1}\n\n', b'data: {"n":2}\n\n'])[:2]
+    async with aiohttp.ClientSession() as client:
+        upstream.pieces.put_nowait(first)
+        async with client.post(f"{edge.url}/v1/chat/completions", data=CHAT) as resp:
+            assert await asyncio.wait_for(resp.content.readany(), timeout=2)
+            # A good chunk and then a size line no parser could read, in one write.
+            upstream.pieces.put_nowait(second + b"zz\r\ndata: evil\n\n\r\n")
+            body = await asyncio.wait_for(resp.content.read(), timeout=5)
+    assert body.startswith(b'data: {"n":2}\n\n')  # the good chunk before the bad one went on
+    assert b"evil" not in body and b'data: {"error"' in body and body.endswith(b"\n\n")
+    await upstream.close()
+
+
+async def test_upstream_dying_inside_a_chunk_cuts_the_client_off(start_edge):
+    upstream = RawUpstream(SSE_HEAD)
+    url = await upstream.start()
+    edge = await start_edge({"raw": [url]})
+    async with aiohttp.ClientSession() as client:
+        upstream.pieces.put_nowait(chunked([b'data: {"n":1}\n\n'])[0])
+        async with client.post(f"{edge.url}/v1/chat/completions", data=CHAT) as resp:
+            assert await asyncio.wait_for(resp.content.readany(), timeout=2)
+            # 0x64 = 100 bytes announced, 11 sent: the client holds part of a chunk, so no
+            # error event can follow; the connection is cut instead of left to hang.
+            upstream.pieces.put_nowait(b'64\r\ndata: {"n"')
+            upstream.pieces.put_nowait(None)
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await asyncio.wait_for(resp.content.read(), timeout=5)
+    await upstream.close()
