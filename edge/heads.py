@@ -25,7 +25,8 @@ HOP_BY_HOP = frozenset(
         "upgrade", "proxy-authorization", "proxy-authenticate",
     }
 )  # fmt: skip
-# The client gets the edge's own framing (Content-Length or chunked), never the upstream's.
+# The client gets the edge's own framing: Content-Length, or chunked (a chunked upstream body's
+# checked framing passes through, edge/chunked.py), never the upstream's framing fields.
 _NOT_RELAYED = frozenset(n.encode() for n in HOP_BY_HOP | {"content-length"})
 _OPTIONS = frozenset({b"close", b"keep-alive", b""})  # Connection values that name no field
 

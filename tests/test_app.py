@@ -18,6 +18,7 @@ import pytest
 
 from edge.cli import demo_text
 from edge.config import ConfigError, from_mapping, load
+from loadtests.bench import quota
 from tests.procs import Procs, free_port, free_ports, wait_http, write_fleet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,6 +54,9 @@ async def test_two_workers_share_the_port_and_serve(procs: Procs, tmp_path: Path
         await asyncio.sleep(0.1)
     workers = _workers(edge.pid)
     assert len(workers) == 2
+    assert sorted(quota.workers(edge.pid)) == sorted(
+        workers
+    )  # what make bench's F5 holds to CPU quotas
     for _ in range(50):  # both workers must be listening before load
         try:
             wait_http(f"{base}/ready", timeout=1)
@@ -180,3 +184,21 @@ def test_documented_example_config_loads_with_defaults():
     example = load(REPO / "config" / "edge.toml")
     assert example.server == from_mapping({}).server
     assert example.upstream == from_mapping({}).upstream
+
+
+@pytest.mark.skipif(quota.unavailable() is not None, reason="no writable cgroup cpu controller")
+def test_bench_quota_holds_a_process_to_its_share_of_one_core():
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    held = quota.Quota("test")
+    try:
+        held.hold(child.pid, 0.2, core=0)
+        group = held.groups[0]
+        assert os.sched_getaffinity(child.pid) == {0}
+        assert group.name in Path(f"/proc/{child.pid}/cgroup").read_text()
+        time.sleep(0.5)
+        assert held.throttled() > 0  # a busy loop runs out of a fifth of a core at once
+    finally:
+        child.kill()
+        child.wait()
+        held.close()
+    assert not group.exists()
