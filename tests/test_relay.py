@@ -243,33 +243,30 @@ SPLIT_STREAM = [
 DECODED = b'data: {"n":1}\n\n' + USAGE_EVENT + b"data: [DONE]\n\n"
 
 
-async def test_chunk_framing_passes_through_and_usage_is_read_across_chunks(start_edge):
+# The first piece is framed by the edge (it was read before the answer began); the rest goes
+# out as the upstream framed it, and the edge ends the body itself, without the trailer.
+PASSED = b'f\r\ndata: {"n":1}\n\n\r\n' + b"".join(SPLIT_STREAM[1:3]) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize(("version", "expected"), [(b"1.1", PASSED), (b"1.0", DECODED)])
+async def test_chunked_stream_keeps_its_framing_for_http11_and_is_decoded_for_http10(
+    start_edge, version, expected
+):
     from tests.test_metrics import scrape, total
 
     upstream = RawUpstream(SSE_HEAD)
     url = await upstream.start()
     edge = await start_edge({"raw": [url]})
-    wire = await _raw_exchange(edge.url, _request(b"1.1"), SPLIT_STREAM, upstream)
+    wire = await _raw_exchange(edge.url, _request(version), SPLIT_STREAM, upstream)
     head, _, body = wire.partition(b"\r\n\r\n")
-    assert b"Transfer-Encoding: chunked" in head
-    # The first piece is framed by the edge (it was read before the answer began); the rest
-    # goes out as the upstream framed it, and the edge ends the body without the trailer.
-    assert body == b'f\r\ndata: {"n":1}\n\n\r\n' + b"".join(SPLIT_STREAM[1:3]) + b"0\r\n\r\n"
+    assert (b"Transfer-Encoding: chunked" in head) == (version == b"1.1")
+    assert body == expected
     async with aiohttp.ClientSession() as client:
         s = await scrape(client, edge.url)
+    # Usage read across the chunks the event was split into, and the body counted, not framing.
     assert total(s, "edge_tokens_total", type="prompt") == 11
     assert total(s, "edge_tokens_total", type="completion") == 22
-    assert total(s, "edge_response_bytes_total") == len(DECODED)  # the body, not its framing
-    await upstream.close()
-
-
-async def test_an_http10_client_gets_the_chunked_body_decoded(start_edge):
-    upstream = RawUpstream(SSE_HEAD)
-    url = await upstream.start()
-    edge = await start_edge({"raw": [url]})
-    wire = await _raw_exchange(edge.url, _request(b"1.0"), SPLIT_STREAM, upstream)
-    head, _, body = wire.partition(b"\r\n\r\n")
-    assert b"Transfer-Encoding" not in head and body == DECODED
+    assert total(s, "edge_response_bytes_total") == len(DECODED)
     await upstream.close()
 
 
