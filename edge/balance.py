@@ -29,15 +29,15 @@ import math
 import random
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from edge.affinity import CookieCodec, HostIds, affinity_key, cookie_value, ranked, set_cookie
 from edge.config import DRAWN_SECRET, POLICIES, ModelRouting, RoutingSettings
 from edge.errors import BadRequest
 from edge.fleet import Host, normalise_url
 
-ROUTE_HEADER = "X-Edge-Route"
-PIN_HEADER = "X-Edge-Server"
+ROUTE_HEADER: Final = "X-Edge-Route"
+PIN_HEADER: Final = "X-Edge-Server"
 # Affinity outcomes, for metrics and the access log (metrics.AFFINITY_RESULTS, and "pinned").
 OUTCOMES = ("cookie_hit", "key_hit", "moved", "none", "pinned")
 _NEUTRAL_TTFB_S = 1.0  # the score of a fleet nobody has measured yet: only ratios matter

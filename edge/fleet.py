@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Final
 from urllib.parse import urlsplit
 
 from edge.stats import HostStats
@@ -23,7 +24,7 @@ from edge.stats import HostStats
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 # Health states (health.py owns the transitions; REMOVED is set here, when discovery drops a host).
-UP = "up"  # takes requests
+UP: Final = "up"  # takes requests
 EJECTED = "ejected"  # out until `until`; then routable for one half-open trial
 HALF_OPEN = "half_open"  # that trial is in flight: no other request goes here
 DOWN = "down"  # active probes failed; out until they succeed again

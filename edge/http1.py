@@ -29,7 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import httptools
@@ -40,8 +40,8 @@ from edge.heads import Seen
 
 log = logging.getLogger("edge.http")
 
-_EAGER_BODY = 64 * 1024  # bodies announced up to this size are read before the handler runs
-_MAX_HEAD = 64 * 1024  # request line and headers, in bytes
+_EAGER_BODY: Final = 64 * 1024  # bodies announced up to this size are read before the handler runs
+_MAX_HEAD: Final = 64 * 1024  # request line and headers, in bytes
 _MAX_QUEUED = 8  # pipelined requests waiting before the socket stops being read
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS = {
@@ -51,7 +51,7 @@ _REASONS = {
     431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
     503: "Service Unavailable", 504: "Gateway Timeout",
 }  # fmt: skip
-_NO_BODY = frozenset({204, 304})
+_NO_BODY: Final = frozenset({204, 304})
 
 
 class Source(Protocol):

@@ -29,6 +29,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Final
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -44,6 +45,8 @@ from edge.config import MetricsSettings
 from edge.fleet import Fleet, Host
 from edge.metricshare import Shared
 
+# Not Final, though read per request: compiled, a Final tuple of floats read inside a
+# method raised "value for final name was not set" (mypyc 2.0).
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 )  # fmt: skip
@@ -55,12 +58,12 @@ RATE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0,
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 UNKNOWN_MODEL = "(unknown)"  # a request that named no model the edge serves
-NO_SERVER = "(none)"  # a request answered by the edge itself (no host answered)
-AFFINITY_RESULTS = frozenset({"cookie_hit", "key_hit", "moved", "none"})
+NO_SERVER: Final = "(none)"  # a request answered by the edge itself (no host answered)
+AFFINITY_RESULTS: Final = frozenset({"cookie_hit", "key_hit", "moved", "none"})
 # Without a health module wired in, a host counts as down after this many failed attempts in a
 # row (the host's own routing statistics count them) and up again after one success.
 DOWN_AFTER = 3
-_CODES = tuple(f"{i}xx" for i in range(10))
+_CODES: Final = tuple(f"{i}xx" for i in range(10))
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ handler (edge/http1.py), and the caller closes the upstream.
 from __future__ import annotations
 
 import time
+from typing import Final
 
 import orjson
 
@@ -29,8 +30,8 @@ from edge.metrics import Usage
 from edge.route import ANTHROPIC, GEMINI
 from edge.upstream import Stopped, UpstreamError, UpstreamResponse
 
-_PROMPT_KEYS = ("prompt_tokens", "input_tokens", "promptTokenCount")
-_COMPLETION_KEYS = ("completion_tokens", "output_tokens", "candidatesTokenCount")
+_PROMPT_KEYS: Final = ("prompt_tokens", "input_tokens", "promptTokenCount")
+_COMPLETION_KEYS: Final = ("completion_tokens", "output_tokens", "candidatesTokenCount")
 
 
 CLIENT_GONE = 499  # nginx's code for a request the client closed before the answer ended

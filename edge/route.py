@@ -7,7 +7,7 @@ bytes are what goes upstream, unchanged. The dialect decides the error shape the
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -17,7 +17,7 @@ from edge.http1 import Request
 OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
 
 # Path -> route label for metrics; any other POST /v1/... with a model is "other".
-_ROUTES = {
+_ROUTES: Final = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",
     "/v1/embeddings": "embeddings",
@@ -25,7 +25,7 @@ _ROUTES = {
     "/v1/messages": "messages",
     "/v1/images/generations": "images",
 }
-_GEMINI_PREFIX = "/v1beta/models/"
+_GEMINI_PREFIX: Final = "/v1beta/models/"
 _GEMINI_METHODS = {"generateContent": False, "streamGenerateContent": True}
 _WORKSPACE_ID = re.compile(r"[0-9a-f]{24}")  # Liara's workspace ids
 

@@ -32,7 +32,7 @@ import mmap
 import os
 import tempfile
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Final, Protocol
 
 log = logging.getLogger("edge.stats")
 
@@ -40,13 +40,13 @@ log = logging.getLogger("edge.stats")
 FAILURE_PENALTY_S = 5.0
 # How fast new samples move an average: a sample taken this long after the previous one has
 # weight 1 - 1/e.
-SAMPLE_DECAY_S = 10.0
+SAMPLE_DECAY_S: Final = 10.0
 # A decode rate needs this much streaming after the first byte and this many tokens; anything
 # shorter is a non-streamed body arriving in one piece, not a measure of decode speed.
 _MIN_DECODE_S = 0.05
-_MIN_TOKENS = 4
+_MIN_TOKENS: Final = 4
 # Hedging needs this many recent samples before a host's p95 means anything.
-_P95_WINDOW = 32
+_P95_WINDOW: Final = 32
 _P95_MIN_SAMPLES = 5
 
 

@@ -30,7 +30,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import ClassVar, cast
+from typing import ClassVar, Final, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -39,7 +39,7 @@ from multidict import CIMultiDict
 
 from edge import chunked, heads
 
-_HIGH_WATER = 256 * 1024  # buffered body bytes before the socket stops being read
+_HIGH_WATER: Final = 256 * 1024  # buffered body bytes before the socket stops being read
 _DNS_TTL_S = 60.0
 _now = time.monotonic
 
