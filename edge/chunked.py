@@ -29,9 +29,9 @@ _MAX_TRAILER: Final = 16384
 
 
 class Malformed(ValueError):
-    def __init__(self, message: str, good: bytes = b"") -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.good = good  # what came before the bad framing: checked, still to hand on
+        self.good = b""  # what came before the bad framing: checked, still to hand on
 
 
 class Chunks:
@@ -66,9 +66,9 @@ class Chunks:
             self.held = b""
         n = len(data)
         i = 0
-        sent = 0  # raw: data[sent:i] is checked and not yet handed on
-        out: list[bytes] | None = None  # decoded: the chunk data, when a piece holds several
-        first = b""
+        last_at = -1  # raw: where the last chunk's size line began, when it is in this piece
+        first = b""  # decoded: the chunk data (the usual piece holds one chunk) ...
+        more: list[bytes] | None = None  # ... or all of them, when it holds several
         try:
             while i < n:
                 state = self.state
@@ -76,12 +76,12 @@ class Chunks:
                     take = n - i if n - i < self.left else self.left
                     if not raw:
                         piece = data if take == n else data[i : i + take]
-                        if not len(first):
-                            first = piece
+                        if more is not None:
+                            more.append(piece)
+                        elif len(first):
+                            more = [first, piece]
                         else:
-                            if out is None:
-                                out = [first]
-                            out.append(piece)
+                            first = piece
                     i += take
                     self.left -= take
                     if self.left == 0:
@@ -102,16 +102,14 @@ class Chunks:
                             raise Malformed("chunk size line too long")
                         break
                     if size == 0:
-                        if raw and i > sent:
-                            first = data[sent:i]
-                        sent = i = eol + 2
+                        last_at = i
                         self.state = TRAILER
                     else:
                         if raw:
                             self.framing += eol + 2 - i
-                        i = eol + 2
                         self.left = size
                         self.state = DATA
+                    i = eol + 2
                 elif state == TRAILER:
                     eol = data.find(b"\r\n", i)
                     if eol < 0:
@@ -121,33 +119,30 @@ class Chunks:
                     if eol == i:  # the empty line: the body is over
                         self.state = DONE
                         self.extra = i + 2 < n
-                        return first if out is None else b"".join(out)
+                        return self._handed(data, raw, i, last_at, first, more)
                     self.trailer += eol + 2 - i
                     if self.trailer > _MAX_TRAILER or b":" not in data[i:eol]:
                         raise Malformed("bad trailer section")
-                    sent = i = eol + 2
+                    i = eol + 2
                 else:  # DONE
                     self.extra = True
                     return b""
         except Malformed as exc:
-            if raw:
-                exc.good = first + data[sent:i] if i > sent else first
-            else:
-                exc.good = first if out is None else b"".join(out)
+            exc.good = self._handed(data, raw, i, last_at, first, more)
             raise
         if i < n:
             self.held = data[i:]
+        return self._handed(data, raw, i, last_at, first, more)
+
+    def _handed(
+        self, data: bytes, raw: bool, i: int, last_at: int, first: bytes, more: list[bytes] | None
+    ) -> bytes:
+        """What `feed` hands on, read up to `i`: raw, one slice from the piece's start (nothing
+        is handed on from the last chunk's size line on); decoded, the chunk data."""
         if not raw:
-            return first if out is None else b"".join(out)
-        if i > sent:
-            return (
-                first + data[sent:i]
-                if len(first)
-                else data
-                if sent == 0 and i == n
-                else data[sent:i]
-            )
-        return first
+            return first if more is None else b"".join(more)
+        stop = last_at if last_at >= 0 else i if self.state < TRAILER else 0
+        return data if stop == len(data) else data[:stop]
 
 
 def _size_line(data: bytes, start: int) -> tuple[int, int]:

@@ -41,7 +41,7 @@ from edge import chunked, heads
 
 _HIGH_WATER: Final = 256 * 1024  # buffered body bytes before the socket stops being read
 _DNS_TTL_S = 60.0
-_now = time.monotonic
+_now: Final = time.monotonic
 
 
 class UpstreamError(Exception):
@@ -389,7 +389,7 @@ class _Conn(asyncio.Protocol):
         # The parser gets the head alone: a chunked body is then read by edge/chunked.py.
         cut = end + 4 - start
         if self._parse(data if cut >= len(data) else data[:cut]):
-            self._after_head(data[cut:] if cut < len(data) else b"")
+            self._after_head(data[cut:])
 
     def _chunk(self, chunks: chunked.Chunks, data: bytes) -> None:
         response = self.response
@@ -414,9 +414,9 @@ class _Conn(asyncio.Protocol):
         anything else (a sized body, or what follows an interim 1xx) to the parser."""
         response = self.response
         if response is not None and response.head.chunked and not response._eof:
-            self.chunks = response.chunks = chunked.Chunks()
+            self.chunks = response.chunks = chunks = chunked.Chunks()
             if rest:
-                self.data_received(rest)
+                self._chunk(chunks, rest)
         elif rest:
             self._parse(rest)
 

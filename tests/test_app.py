@@ -24,14 +24,6 @@ from tests.procs import Procs, free_port, free_ports, wait_http, write_fleet
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _workers(pid: int) -> list[int]:
-    """Worker processes of a supervisor (not multiprocessing's resource tracker)."""
-    out = subprocess.run(
-        ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True
-    )
-    return [int(line.split()[0]) for line in out.stdout.splitlines() if "spawn_main" in line]
-
-
 async def _chat(client: aiohttp.ClientSession, base: str, **extra: str) -> str:
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     async with client.post(f"{base}/v1/chat/completions", json=body, headers=extra) as resp:
@@ -50,13 +42,10 @@ async def test_two_workers_share_the_port_and_serve(procs: Procs, tmp_path: Path
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 15
-    while len(_workers(edge.pid)) < 2 and time.monotonic() < deadline:
+    while len(quota.workers(edge.pid)) < 2 and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-    workers = _workers(edge.pid)
+    workers = quota.workers(edge.pid)
     assert len(workers) == 2
-    assert sorted(quota.workers(edge.pid)) == sorted(
-        workers
-    )  # what make bench's F5 holds to CPU quotas
     for _ in range(50):  # both workers must be listening before load
         try:
             wait_http(f"{base}/ready", timeout=1)
@@ -186,7 +175,9 @@ def test_documented_example_config_loads_with_defaults():
     assert example.upstream == from_mapping({}).upstream
 
 
-@pytest.mark.skipif(quota.unavailable() is not None, reason="no writable cgroup cpu controller")
+# Runs where make bench's F5 can: as root with a writable cgroup cpu controller (this machine,
+# and CI on it). Elsewhere the bench reports F5 as not measured, with this same reason.
+@pytest.mark.skipif(quota.unavailable() is not None, reason=f"CPU quotas: {quota.unavailable()}")
 def test_bench_quota_holds_a_process_to_its_share_of_one_core():
     child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     held = quota.Quota("test")
