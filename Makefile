@@ -6,29 +6,41 @@ PYTHON ?= $(shell /usr/bin/python3 -c 'import ensurepip, sys; sys.exit(sys.versi
 	2>/dev/null && echo /usr/bin/python3 || echo python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# Every environment installs the exact versions of requirements-lock.txt (hashes checked): the
+# runtime, the test tools and what builds the package. `make lock` refreshes it.
+LOCK := requirements-lock.txt
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 # The per-request modules compiled in place by mypyc (setup.py says which and why); their
 # group library is rebuilt whenever any module of the package changes.
 NATIVE := edge/_native__mypyc$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+# The C compiler Python builds extensions with; without one, everything still works, pure Python.
+CC_FOUND := $(shell command -v "$$($(PYTHON) -c 'import sysconfig; print((sysconfig.get_config_var("CC") or "cc").split()[0])')" 2>/dev/null)
 
-.PHONY: install compile demo test lint typecheck pytest sysdeps clean bench test-real demo-real real-deps
+.PHONY: install compile demo test lint typecheck pytest sysdeps clean bench test-real demo-real \
+	real-deps lock test-latest dist fuzz chaos
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "edge needs Python >= 3.11")'
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q --upgrade pip
-	EDGE_PURE=1 $(PY) -m pip install -q -e '.[test]'
-	rm -f $(VENV)/.installed-*
+# A changed lock rebuilds the venv from nothing, so that it holds the lock's packages and no others
+# (tests/test_lock.py checks that it does).
+$(STAMP): pyproject.toml $(LOCK) | $(PY)
+	@if ls $(VENV)/.installed-* >/dev/null 2>&1; then rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); fi
+	$(PY) -m pip install -q --require-hashes -r $(LOCK)
+	EDGE_PURE=1 $(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 # About two minutes on two cores. `edge/__init__.py` refuses a compiled module older than its
 # source, so an edit without `make compile` fails loudly rather than running old code.
 $(NATIVE): $(STAMP) setup.py $(filter-out edge/__init__.py edge/__main__.py,$(wildcard edge/*.py))
+ifeq ($(CC_FOUND),)
+	@echo "make: no C compiler found: edge runs as pure Python (correct, about a third slower per request)"
+else
 	@mkdir -p build && rm -f edge/*.so  # a module dropped from setup.py must not stay compiled
 	$(PY) setup.py -q build_ext --inplace >build/compile.log 2>&1 || { cat build/compile.log; exit 1; }
 	touch edge/*.so
+endif
 
 compile: $(NATIVE)
 
@@ -69,5 +81,39 @@ test-real: real-deps
 demo-real: real-deps
 	$(PY) -m loadtests.llama fleet 3
 
+# Refresh the lock from pyproject.toml: the newest versions its ranges allow, for Python 3.11 and
+# newer on every platform, with hashes; requirements-runtime.txt is the runtime's part of it (the
+# Docker image installs that). Commit both with the change that needed them.
+lock: $(STAMP)
+	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra build --extra dev --universal \
+		--python-version 3.11 --generate-hashes --quiet -o $(LOCK)
+	$(VENV)/bin/uv pip compile pyproject.toml -c $(LOCK) --universal --python-version 3.11 \
+		--generate-hashes --quiet -o requirements-runtime.txt  # the image's subset, same versions
+
+# Drift: the whole suite against the newest versions pyproject.toml allows, in a venv of its own
+# (not CI's gate: the index moves). Record the result in README.md, Development.
+LATEST := .venv-latest
+test-latest:
+	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	EDGE_PURE=1 $(LATEST)/bin/pip install -q --upgrade -e '.[test,build]'
+	$(LATEST)/bin/pip list --format=freeze >$(LATEST)/versions.txt
+	$(LATEST)/bin/ruff check edge tests loadtests setup.py
+	$(LATEST)/bin/mypy edge tests loadtests setup.py
+	$(LATEST)/bin/pytest -q --ignore=tests/test_lock.py  # that test checks .venv against the lock
+	@echo "test-latest passed with the versions in $(LATEST)/versions.txt"
+
+# The compiled wheel (or, with no C compiler, the pure one) and the source distribution, built
+# with the locked build tools: `pip install dist/edge-*.whl` needs no compiler.
+dist: $(STAMP)
+	rm -rf dist && mkdir -p build
+ifeq ($(CC_FOUND),)
+	@echo "make: no C compiler found: building the pure-Python wheel"
+	EDGE_PURE=1 $(PY) -m build --no-isolation --outdir dist . >build/dist.log 2>&1 || { cat build/dist.log; exit 1; }
+else
+	$(PY) -m build --no-isolation --outdir dist . >build/dist.log 2>&1 || { cat build/dist.log; exit 1; }
+endif
+	@ls dist
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info edge/*.so
+	rm -rf $(VENV) $(LATEST) .mypy_cache .ruff_cache build dist *.egg-info edge/*.so

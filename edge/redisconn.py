@@ -44,9 +44,9 @@ class RedisLink:
     def __init__(self, url: str, timeout_s: float, clock: Callable[[], float] = time.monotonic):
         # Imported here: redis-py takes ~0.3 s to import, which an edge without Redis never pays.
         from redis.asyncio import BlockingConnectionPool, Redis
+        from redis.asyncio.retry import Retry  # the asyncio one: redis-py 8.2 warns on the other
         from redis.backoff import NoBackoff
         from redis.exceptions import NoScriptError, RedisError
-        from redis.retry import Retry
 
         self._errors = (RedisError, OSError, TimeoutError)
         self.no_script: type[Exception] = NoScriptError
