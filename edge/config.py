@@ -29,6 +29,21 @@ class ServerSettings:
     drain_timeout_s: float = 30.0
     # Names the served server in each proxied response's X-Edge-Server header.
     expose_server: bool = True
+    # Bounds on what one client connection may hold; each has a default that a well-behaved client
+    # never meets (config/edge.toml says what each answers).
+    header_timeout_s: float = 10.0  # the whole request head, from its first byte: else 408
+    body_grace_s: float = 10.0  # a request body may take this long whatever its rate ...
+    body_min_rate: int = 1024  # ... then must average at least this many bytes/s: else 408
+    max_head_bytes: int = 64 * 1024  # request line and header fields: else 431
+    max_header_fields: int = 100  # else 431
+    keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 10000  # open client connections per worker; past it: 503 and close
+    tcp_keepalive: bool = True  # SO_KEEPALIVE on client sockets: dead peers are found
+    # After an early answer (413, 400, 401 before the body was read) the rest of the body is read
+    # and dropped, for at most linger_s and max_discard_bytes, so that the client sees the answer
+    # instead of a reset; then the connection is closed.
+    linger_s: float = 2.0
+    max_discard_bytes: int = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +72,11 @@ class UpstreamSettings:
     retry_window_s: float = 10.0
     retry_min_per_s: float = 1.0
     max_connections_per_server: int = 512
+    # A request waits this long for a free connection slot of a saturated server; then the attempt
+    # fails (not the server's fault: no outlier count) and another server is tried.
+    pool_timeout_s: float = 1.0
     keepalive_s: float = 30.0
+    max_head_bytes: int = 64 * 1024  # an upstream response head larger than this: 502 and close
     ca_bundle: str = ""
     verify_tls: bool = True
     models: Mapping[str, ModelTimeouts] = field(
@@ -71,8 +90,10 @@ class DiscoverySettings:
     refresh_s: float = 10.0
     timeout_s: float = 5.0
     # The last good view of every source, kept here (written atomically) so that an edge started
-    # while a registry is down still routes. "" keeps no file.
-    cache_file: str = ""
+    # while a registry is down still routes. "auto": one file per set of sources under the
+    # service manager's CACHE_DIRECTORY or STATE_DIRECTORY, else $XDG_CACHE_HOME/edge (or
+    # ~/.cache/edge); "" keeps no file.
+    cache_file: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +329,19 @@ def validate(config: Config) -> None:
         (1 <= s.workers <= 256, "server.workers must be 1..256"),
         (s.max_body_bytes >= 1024, "server.max_body_bytes must be at least 1024"),
         (s.drain_timeout_s >= 0, "server.drain_timeout_s must be >= 0"),
+        (
+            s.header_timeout_s > 0 and s.body_grace_s > 0 and s.keepalive_timeout_s > 0,
+            "server.header_timeout_s, body_grace_s and keepalive_timeout_s must be > 0",
+        ),
+        (
+            s.body_min_rate >= 0 and s.linger_s >= 0 and s.max_discard_bytes >= 0,
+            "server.body_min_rate, linger_s and max_discard_bytes must be >= 0",
+        ),
+        (s.max_head_bytes >= 1024, "server.max_head_bytes must be at least 1024"),
+        (s.max_header_fields >= 8, "server.max_header_fields must be at least 8"),
+        (s.max_connections >= 1, "server.max_connections must be >= 1"),
+        (u.pool_timeout_s > 0, "upstream.pool_timeout_s must be > 0"),
+        (u.max_head_bytes >= 1024, "upstream.max_head_bytes must be at least 1024"),
         (u.connect_timeout_s > 0, "upstream.connect_timeout_s must be > 0"),
         (u.first_byte_timeout_s > 0, "upstream.first_byte_timeout_s must be > 0"),
         (u.idle_timeout_s > 0, "upstream.idle_timeout_s must be > 0"),
