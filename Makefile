@@ -13,8 +13,11 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d'
 # The per-request modules compiled in place by mypyc (setup.py says which and why); their
 # group library is rebuilt whenever any module of the package changes.
 NATIVE := edge/_native__mypyc$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-# The C compiler Python builds extensions with; without one, everything still works, pure Python.
-CC_FOUND := $(shell command -v "$$($(PYTHON) -c 'import sysconfig; print((sysconfig.get_config_var("CC") or "cc").split()[0])')" 2>/dev/null)
+# The C compiler and headers Python builds extensions with; without them everything still works,
+# as pure Python.
+CC_FOUND := $(shell $(PYTHON) -c 'import os, shutil, sysconfig as s; \
+	h = os.path.join(s.get_paths()["include"], "Python.h"); \
+	print(os.path.exists(h) and shutil.which((s.get_config_var("CC") or "cc").split()[0]) or "")')
 
 .PHONY: install compile demo test lint typecheck pytest sysdeps clean bench test-real demo-real \
 	real-deps lock test-latest dist fuzz chaos
@@ -35,7 +38,7 @@ $(STAMP): pyproject.toml $(LOCK) | $(PY)
 # source, so an edit without `make compile` fails loudly rather than running old code.
 $(NATIVE): $(STAMP) setup.py $(filter-out edge/__init__.py edge/__main__.py,$(wildcard edge/*.py))
 ifeq ($(CC_FOUND),)
-	@echo "make: no C compiler found: edge runs as pure Python (correct, about a third slower per request)"
+	@echo "make: no C compiler (or Python headers) found: edge runs as pure Python, about a third slower"
 else
 	@mkdir -p build && rm -f edge/*.so  # a module dropped from setup.py must not stay compiled
 	$(PY) setup.py -q build_ext --inplace >build/compile.log 2>&1 || { cat build/compile.log; exit 1; }
@@ -108,7 +111,7 @@ test-latest:
 dist: $(STAMP)
 	rm -rf dist && mkdir -p build
 ifeq ($(CC_FOUND),)
-	@echo "make: no C compiler found: building the pure-Python wheel"
+	@echo "make: no C compiler (or Python headers) found: building the pure-Python wheel"
 	EDGE_PURE=1 $(PY) -m build --no-isolation --outdir dist . >build/dist.log 2>&1 || { cat build/dist.log; exit 1; }
 else
 	$(PY) -m build --no-isolation --outdir dist . >build/dist.log 2>&1 || { cat build/dist.log; exit 1; }
