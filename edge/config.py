@@ -76,7 +76,9 @@ class UpstreamSettings:
     # fails (not the server's fault: no outlier count) and another server is tried.
     pool_timeout_s: float = 1.0
     keepalive_s: float = 30.0
-    max_head_bytes: int = 64 * 1024  # an upstream response head larger than this: 502 and close
+    # A larger upstream response head (1xx heads included) is a bad answer: the attempt fails like
+    # a malformed one (503 when no server is left) and the connection closes.
+    max_head_bytes: int = 64 * 1024
     ca_bundle: str = ""
     verify_tls: bool = True
     models: Mapping[str, ModelTimeouts] = field(

@@ -29,6 +29,7 @@ from edge.http1 import Request
 from edge.metrics import Metrics, Observation
 from edge.route import ProxyRequest
 from edge.upstream import (
+    PoolFull,
     TimedOut,
     UpstreamError,
     UpstreamPool,
@@ -58,6 +59,8 @@ def make_pool(settings: UpstreamSettings) -> UpstreamPool:
         limit_per_origin=settings.max_connections_per_server,
         ssl_context=context if isinstance(context, ssl.SSLContext) else _unverified(),
         resolver=aiohttp.AsyncResolver(),
+        pool_timeout_s=settings.pool_timeout_s,
+        max_head_bytes=settings.max_head_bytes,
     )
 
 
@@ -176,7 +179,7 @@ class Upstream:
 def _outcome(exc: BaseException) -> tuple[str, str, bool]:
     """(outcome label, client-safe reason, counts against the host) for an upstream error."""
     if isinstance(exc, UpstreamError):
-        return exc.outcome, exc.reason, True
+        return exc.outcome, exc.reason, exc.counts
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "connect_error", "connection closed before a response", True
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
@@ -238,6 +241,7 @@ class Forwarder:
             self._tune()
         self.budget.deposit()
         note, trialled = "not tried", None
+        spared = False  # the last attempt sent nothing (a full pool): the next is no retry
         leases = _Leases()
         try:
             for _ in range(self.settings.max_attempts):
@@ -249,7 +253,7 @@ class Forwarder:
                     host = trialled = fallback(hosts, tried)  # one per request, at most
                 if host is None:
                     break
-                if tried and not self.budget.withdraw():
+                if tried and not spared and not self.budget.withdraw():
                     note = "not tried: the retry budget is spent"
                     self.metrics.retry_denied(preq.model)
                     break
@@ -266,6 +270,9 @@ class Forwarder:
                 except UpstreamFailure as failure:
                     leases.release(host)
                     reasons.append(f"{host.url}: {failure.reason}")
+                    # The budget keeps a failing fleet from multiplying its load; an attempt
+                    # that found the pool full put no load on anyone, so moving on is free.
+                    spared = isinstance(failure.__cause__, PoolFull)
                     continue
                 up.attempt = len(tried)
                 up.leases = leases
@@ -357,7 +364,13 @@ class Forwarder:
                 response.close()
             outcome, reason, counts = _outcome(exc)
             self._failed(host, preq, reason, outcome, started, counts)
-            raise UpstreamFailure(reason, counts=counts) from None
+            failed = UpstreamFailure(reason, counts=counts)
+            if isinstance(exc, PoolFull):
+                # Read by `open` (a move off a full pool is no retry). Set by hand as well:
+                # mypyc compiles `raise ... from` without its cause.
+                failed.__cause__ = exc
+                raise failed from exc
+            raise failed from None
         except BaseException:
             if response is not None:
                 response.close()
@@ -379,6 +392,8 @@ class Forwarder:
         if s is self._tuned:
             return
         self.budget.configure(s.retry_ratio, s.retry_window_s, s.retry_min_per_s)
+        self.pool.pool_timeout_s = s.pool_timeout_s
+        self.pool.max_head_bytes = s.max_head_bytes
         self._timeouts = {"": _Timeouts(s, ModelTimeouts())}
         self._timeouts.update((m, _Timeouts(s, t)) for m, t in s.models.items())
         self._tuned = s

@@ -26,8 +26,12 @@ HOP_BY_HOP = frozenset(
     }
 )  # fmt: skip
 # The client gets the edge's own framing: Content-Length, or chunked (a chunked upstream body's
-# checked framing passes through, edge/chunked.py), never the upstream's framing fields.
-_NOT_RELAYED = frozenset(n.encode() for n in HOP_BY_HOP | {"content-length"})
+# checked framing passes through, edge/chunked.py), never the upstream's framing fields; and
+# the edge's own X-Request-ID and X-Edge-Server (edge/server.py), never a server's claim to
+# them: relayed, a server could name another as the one that served, or send a second id.
+# Dropped here, once per distinct head (`Seen`), they cost nothing per response.
+EDGE_OWN = frozenset({"x-request-id", "x-edge-server"})
+_NOT_RELAYED = frozenset(n.encode() for n in HOP_BY_HOP | EDGE_OWN | {"content-length"})
 _OPTIONS = frozenset({b"close", b"keep-alive", b""})  # Connection values that name no field
 
 
@@ -41,7 +45,9 @@ class Head:
     ) -> None:
         self.relayed = relayed  # the end-to-end header lines, as the server sent them
         self.length = length  # Content-Length, if any
-        self.framed = framed  # Content-Length or Transfer-Encoding (else: ends at close)
+        # Content-Length, or Transfer-Encoding ending in chunked; else the body ends at close
+        # (RFC 9112 6.3: "Transfer-Encoding: identity" or "gzip" alone is read until close too)
+        self.framed = framed
         # Transfer-Encoding ending in chunked, and no Content-Length (edge/chunked.py reads it)
         self.chunked = chunked
 
@@ -54,7 +60,7 @@ def read(block: bytes) -> Head:
     kept: list[tuple[bytes, bytes]] = []
     listed: set[bytes] = set()
     length: int | None = None
-    framed = chunked = sized = False
+    chunked = sized = False
     for line in lines:
         name, sep, value = line.partition(b":")
         if not sep:
@@ -63,10 +69,9 @@ def read(block: bytes) -> Head:
         if lowered in _NOT_RELAYED:
             value = value.strip()
             if lowered == b"content-length":
-                framed = sized = True
+                sized = True
                 length = int(value) if value.isdigit() else None
             elif lowered == b"transfer-encoding":
-                framed = True
                 chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
             elif lowered == b"connection":
                 listed.update(t.strip().lower() for t in value.split(b","))
@@ -74,7 +79,7 @@ def read(block: bytes) -> Head:
             kept.append((lowered, line))
     listed -= _OPTIONS
     relayed = b"".join([line + b"\r\n" for lowered, line in kept if lowered not in listed])
-    return Head(relayed, length, framed, chunked and not sized)
+    return Head(relayed, length, sized or chunked, chunked and not sized)
 
 
 class Seen(Generic[K, V]):

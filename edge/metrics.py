@@ -87,7 +87,7 @@ class Observation:
     route: str
     status: int
     outcome: str  # ok | connect_error | timeout | http_5xx | http_429 | stream_error | malformed
-    #               | edge_error | client_disconnect
+    #               | edge_error | client_disconnect | pool_full
     duration_s: float  # final: request start to last byte; else the attempt's own time
     ttfb_s: float | None = None  # the attempt's time to first body byte (routing uses it)
     bytes_out: int = 0

@@ -14,7 +14,14 @@ takes an idle connection (or opens one), writes the request, and waits for the r
 over everything buffered at once. Past `_HIGH_WATER` buffered bytes the socket stops being read
 until the relay catches up, so a slow client slows the upstream instead of growing memory.
 A connection goes back to the pool only after its response was read to the end and both sides
-allow keep-alive; any other ending closes it.
+allow keep-alive; any other ending closes it, and so do bytes past the end of a body (with it, or
+while the connection idles in the pool): read later, they would pass for the next answer.
+
+Bounds, each named in [upstream]: a head over `max_head_bytes` (interim 1xx heads included) is a
+bad answer; a request waits at most `pool_timeout_s` for a slot of an origin whose
+`max_connections_per_server` are all busy (PoolFull: the forwarder moves on, the server is not
+blamed); a body gap over `read_timeout` fails the body, but only while the edge is reading: a
+pause asked by a lagging client stops that clock (`UpstreamResponse.pause_reading`).
 
 A pooled connection the server already closed (llama.cpp's server closes after each stream) fails
 before a single response byte arrives: that is retried at once on a fresh connection and never
@@ -26,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ipaddress
+import logging
 import socket
 import ssl
 import time
@@ -43,6 +51,8 @@ _HIGH_WATER: Final = 256 * 1024  # buffered body bytes before the socket stops b
 _DNS_TTL_S = 60.0
 _now: Final = time.monotonic
 
+log = logging.getLogger("edge.upstream")
+
 
 class UpstreamError(Exception):
     """An attempt failed before or while reading the response. `reason` is client-safe text."""
@@ -50,6 +60,7 @@ class UpstreamError(Exception):
     # ClassVar: compiled by mypyc, a plain class attribute of an exception class becomes an
     # instance attribute that nothing sets.
     outcome: ClassVar[str] = "connect_error"
+    counts: ClassVar[bool] = True  # against the host's health (False: not the host's doing)
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -78,10 +89,19 @@ class Malformed(UpstreamError):
     outcome: ClassVar[str] = "malformed"
 
 
+class PoolFull(UpstreamError):
+    """Every connection slot of the origin stayed busy for `pool_timeout_s`: nothing was sent,
+    and the server is only busy, not failing."""
+
+    outcome: ClassVar[str] = "pool_full"
+    counts: ClassVar[bool] = False
+
+
 class _Origin:
-    __slots__ = ("key", "host", "port", "ssl", "server_hostname", "host_header", "ip")
+    __slots__ = ("url", "key", "host", "port", "ssl", "server_hostname", "host_header", "ip")
 
     def __init__(self, base_url: str, ssl_context: ssl.SSLContext | None) -> None:
+        self.url = base_url  # for log lines
         parts = urlsplit(base_url)
         secure = parts.scheme == "https"
         self.host = parts.hostname or ""
@@ -108,7 +128,7 @@ class UpstreamResponse:
         "status", "reason", "_headers", "block", "head", "read_timeout", "piped",
         "last", "prev", "raw", "chunks",
         "_conn", "_loop", "_buf", "_size", "_eof", "_exc", "_waiter", "_paused", "_deadline",
-        "_sink", "_ended", "_fed_at", "_idle",
+        "_sink", "_ended", "_fed_at", "_idle", "_lagging",
     )  # fmt: skip
 
     def __init__(
@@ -134,6 +154,7 @@ class UpstreamResponse:
         self._ended: asyncio.Future[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._fed_at = 0.0
+        self._lagging = False  # the client's flow control paused reading (see pause_reading)
         self.piped = 0  # bytes handed to the sink
         self.last = self.prev = b""  # the last two pieces piped, where a stream's usage is
         self.chunks: chunked.Chunks | None = None  # the reader of a chunked body
@@ -184,7 +205,7 @@ class UpstreamResponse:
         """From now on every body piece goes to `sink` as the parser emits it, with no task
         switch per piece; the future ends with the body (UpstreamError if it broke). Reads
         pause and resume through `pause_reading`/`resume_reading` (the client's flow control),
-        and a gap longer than `read_timeout` fails the body.
+        and a gap longer than `read_timeout` while reading fails the body.
 
         `raw_sink`, for a client whose body is chunked too: a chunked body (between chunks
         now) then goes there as the bytes that arrived, framing and all, up to its last chunk
@@ -204,7 +225,8 @@ class UpstreamResponse:
             sink = raw_sink
         self._sink = sink
         self._fed_at = _now()
-        self._idle = loop.call_later(self.read_timeout, self._idle_check)
+        if not self._lagging:
+            self._idle = loop.call_later(self.read_timeout, self._idle_check)
         return ended
 
     @property
@@ -240,10 +262,24 @@ class UpstreamResponse:
             ended.set_result(None)
 
     def pause_reading(self) -> None:
+        """The client lags: stop reading the server, and stop the idle clock with it. Silence
+        while the edge is not reading is the client's pause, not the server's stall; timed, it
+        would fail a healthy stream and count against its server (aiohttp's client_proto stops
+        its read timer the same way). The total deadline, if any, still runs."""
+        self._lagging = True
+        idle = self._idle
+        if idle is not None:
+            idle.cancel()
+            self._idle = None
         if self._conn is not None:
             self._conn.pause_reading()
 
     def resume_reading(self) -> None:
+        """The client caught up: read again, and the idle clock starts afresh."""
+        self._lagging = False
+        if self._sink is not None and self._idle is None:
+            self._fed_at = _now()
+            self._idle = self._loop.call_later(self.read_timeout, self._idle_check)
         if self._conn is not None:
             self._conn.resume_reading()
 
@@ -350,7 +386,10 @@ class _Conn(asyncio.Protocol):
         self.chunks: chunked.Chunks | None = None  # reading a chunked body (not the parser)
         self.response: UpstreamResponse | None = None
         self.waiter: asyncio.Future[UpstreamResponse] | None = None
-        self.head = b""  # bytes of the response head, gathered until the parser has it all
+        # Bytes of the response head, gathered until the parser has it all: the piece that
+        # brought it (the usual case, no copy), or a bytearray once it spans pieces.
+        self.head: bytes | bytearray = b""
+        self.chunky = False  # "chunked" was seen in the head being gathered
         self.reason = ""
         self.received = False  # any byte of the current response
         self.keep_alive = False
@@ -374,22 +413,46 @@ class _Conn(asyncio.Protocol):
         if self.response is not None:
             self._parse(data)
             return
+        if self.waiter is None:
+            # Bytes while the connection idles in the pool, answering no request: read later,
+            # they would pass for the next request's answer (maybe another client's).
+            self.abort()
+            return
+        self._head(data)
+
+    def _head(self, data: bytes) -> None:
+        """Bytes of a response head not yet whole (and maybe what follows it). The head is
+        relayed from these bytes (edge/heads.py), so they are gathered; each byte is searched
+        once (plus the 3 before a piece, for a CRLFCRLF across pieces) and appended in place,
+        so a head that dribbles in costs what a whole one does; past `max_head_bytes` (1xx
+        heads included) the answer is refused, instead of being gathered until a timeout."""
         start = len(self.head)
-        self.head += data  # the head is relayed from these bytes (edge/heads.py)
-        head = self.head
+        head = self.head = data if start == 0 else self._gather(data)
         # One search tells most answers (sized ones) from a chunked one ("Chunked" or another
         # spelling goes the parser's way: correct, only not passed through).
-        if head.find(b"chunked") < 0:
-            self._parse(data)
+        if not self.chunky and head.find(b"chunked", start - 6 if start > 6 else 0) >= 0:
+            self.chunky = True
+        if self.chunky:
+            end = head.find(b"\r\n\r\n", start - 3 if start > 3 else 0)
+            if end >= 0:
+                # The parser gets the head alone: a chunked body is then read by chunked.py.
+                cut = end + 4 - start
+                if self._parse(data if cut >= len(data) else data[:cut]):
+                    self._after_head(data[cut:])
+                data = b""
+        if len(data) and not self._parse(data):
             return
-        end = head.find(b"\r\n\r\n", start - 3 if start > 3 else 0)
-        if end < 0:
-            self._parse(data)  # the head is not whole yet
-            return
-        # The parser gets the head alone: a chunked body is then read by edge/chunked.py.
-        cut = end + 4 - start
-        if self._parse(data if cut >= len(data) else data[:cut]):
-            self._after_head(data[cut:])
+        if len(self.head) > self.pool.max_head_bytes and not self.closed:
+            # Still no whole head (a whole one empties `head`).
+            self._broken(Malformed(f"response head over {self.pool.max_head_bytes} bytes"))
+            self.abort()
+
+    def _gather(self, data: bytes) -> bytearray:
+        head = self.head
+        if isinstance(head, bytes):
+            head = bytearray(head)  # a head in pieces: appended in place from now on
+        head += data
+        return head
 
     def _chunk(self, chunks: chunked.Chunks, data: bytes) -> None:
         response = self.response
@@ -427,6 +490,15 @@ class _Conn(asyncio.Protocol):
             self._broken(Malformed("malformed response from the server"))
             self.abort()
             return False
+        except httptools.HttpParserUpgrade:
+            # A 101 to a POST that asked for no upgrade: what follows is not HTTP. A broken
+            # server, not an edge failure: one line, no traceback, counted as a bad answer.
+            log.warning(
+                "upstream %s answered 101 Switching Protocols; connection closed", self.origin.url
+            )
+            self._broken(Malformed("the server switched protocols (HTTP 101)"))
+            self.abort()
+            return False
         return True
 
     def eof_received(self) -> bool:
@@ -446,16 +518,27 @@ class _Conn(asyncio.Protocol):
         self.pool.forget(self)
 
     # httptools callbacks (no on_header: the parser then makes no Python call per field)
+    def on_message_begin(self) -> None:
+        if self.response is not None:
+            # A second message after this request's answer: bytes past the end of its body.
+            # Raising stops the parser before any of them is read as anyone's answer; the
+            # answer already read stays whole, and the connection is closed (`_parse`).
+            raise Malformed("bytes after the end of the response")
+
     def on_status(self, status: bytes) -> None:
         self.reason = status.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if status < 200:
-            return  # 1xx interim answers are not the response
+            if status < 100:  # llhttp takes any three digits: "099" would pass for interim
+                raise Malformed("status below 100")
+            return  # 1xx interim answers are not the response (101 raises in the parser)
         self.keep_alive = self.parser.should_keep_alive()
-        block = _head_block(self.head)
+        raw = self.head
+        block = _head_block(raw if isinstance(raw, bytes) else bytes(raw))
         self.head = b""
+        self.chunky = False
         head = self.pool.heads.get(block)
         self.close_delimited = not head.framed
         self.response = UpstreamResponse(self, status, self.reason, block, head)
@@ -518,6 +601,9 @@ class _Conn(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.abort()
+            # At once: connection_lost comes a loop turn later, and until then the pool must
+            # not hand this connection out (nor `finish` keep it).
+            self.closed = True
 
     def __repr__(self) -> str:
         return f"<_Conn {self.origin.key} uses={self.uses} closed={self.closed}>"
@@ -534,10 +620,14 @@ class UpstreamPool:
         limit_per_origin: int,
         ssl_context: ssl.SSLContext | None,
         resolver: AbstractResolver | None = None,
+        pool_timeout_s: float = 1.0,
+        max_head_bytes: int = 64 * 1024,
     ) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
         self.limit = limit_per_origin
+        self.pool_timeout_s = pool_timeout_s  # the longest wait for a slot of a full origin
+        self.max_head_bytes = max_head_bytes  # the largest response head (1xx heads included)
         self.ssl_context = ssl_context
         self.resolver = resolver
         self._origins: dict[str, _Origin] = {}
@@ -551,6 +641,7 @@ class UpstreamPool:
         self.heads: heads.Seen[bytes, heads.Head] = heads.Seen(heads.read, 512)
         self.connects = 0
         self.stale_retries = 0
+        self.pool_timeouts = 0  # waits for a slot that gave up (PoolFull)
 
     async def post(
         self,
@@ -587,6 +678,8 @@ class UpstreamPool:
         return await self._exchange(conn, request, head_timeout_s)
 
     async def _exchange(self, conn: _Conn, request: bytes, timeout_s: float) -> UpstreamResponse:
+        if conn.closed:  # it spoke before it was asked (data_received closed it)
+            raise Disconnected("connection closed before a response")
         waiter = conn.send(request)
         timer = conn.loop.call_later(timeout_s, _expire, conn, waiter)
         try:
@@ -609,11 +702,8 @@ class UpstreamPool:
 
     async def _connect(self, origin: _Origin, timeout_s: float) -> _Conn:
         key = origin.key
-        while self._open[key] >= self.limit:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiting[key].append(waiter)
-            await waiter  # a connection of this origin closed or went idle
-            reused = self._take_idle(origin)
+        if self._open[key] >= self.limit:
+            reused = await self._wait_for_slot(origin)
             if reused is not None:
                 return reused
         self._open[key] += 1
@@ -626,6 +716,37 @@ class UpstreamPool:
         self._conns.add(conn)
         self.connects += 1
         return conn
+
+    async def _wait_for_slot(self, origin: _Origin) -> _Conn | None:
+        """Wait until the full origin has a free slot (None) or an idle connection, for at
+        most `pool_timeout_s`: then PoolFull, and the forwarder tries another server instead
+        of queueing behind a saturated one."""
+        key = origin.key
+        try:
+            async with asyncio.timeout(self.pool_timeout_s):
+                while self._open[key] >= self.limit:
+                    await self._woken(key)
+                    reused = self._take_idle(origin)
+                    if reused is not None:
+                        return reused
+        except TimeoutError:
+            self.pool_timeouts += 1
+            raise PoolFull(f"pool full ({self.limit} connections busy)") from None
+        return None
+
+    async def _woken(self, key: tuple[str, str, int]) -> None:
+        """Wait for a connection of this origin to close or go idle (`_wake_one`)."""
+        waiting = self._waiting[key]
+        while waiting and waiting[0].done():
+            waiting.popleft()  # waiters that gave up, oldest first: the queue stays short
+        waiter = asyncio.get_running_loop().create_future()
+        waiting.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._wake_one(key)  # woken, then cancelled: the next in line gets the turn
+            raise
 
     async def _open_connection(self, origin: _Origin, timeout_s: float) -> _Conn:
         loop = asyncio.get_running_loop()
@@ -698,7 +819,7 @@ class UpstreamPool:
         idle = sum(len(v) for v in self._idle.values())
         return (
             f"<UpstreamPool open={len(self._conns)} idle={idle} connects={self.connects} "
-            f"stale_retries={self.stale_retries}>"
+            f"stale_retries={self.stale_retries} pool_timeouts={self.pool_timeouts}>"
         )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -16,54 +15,10 @@ from edge.upstream import (
     render_headers,
 )
 from tests.procs import free_port
+from tests.rawupstream import Scripted as Server
+from tests.rawupstream import answer
 
-Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[bool]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-class Server:
-    """Runs `script(reader, writer, n)` for the n-th request on each connection; the script
-    returns False to close the connection after answering."""
-
-    def __init__(self, script: Script) -> None:
-        self.script = script
-        self.connections = 0
-        self.requests: list[bytes] = []
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        n = 0
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
-                self.requests.append(head + await reader.readexactly(length))
-                n += 1
-                if not await self.script(reader, writer, n):
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
-
-
-async def answer(payload: bytes, keep: bool = True) -> Script:
-    async def script(reader, writer, n):
-        writer.write(payload)
-        await writer.drain()
-        return keep
-
-    return script
 
 
 @pytest.fixture
@@ -79,7 +34,7 @@ async def post(pool: UpstreamPool, url: str, headers=(), head_s: float = 2.0):
 
 
 async def test_keep_alive_reuses_one_connection_and_sends_exact_request(pool):
-    server = Server(await answer(OK))
+    server = Server(answer(OK))
     url = await server.start()
     for _ in range(3):
         resp = await post(pool, url, [("X-A", "1")])
@@ -96,7 +51,7 @@ async def test_keep_alive_reuses_one_connection_and_sends_exact_request(pool):
 
 
 async def test_a_pooled_connection_the_server_closed_is_retried_fresh(pool):
-    server = Server(await answer(OK, keep=False))  # answers, then closes its end
+    server = Server(answer(OK, keep=False))  # answers, then closes its end
     url = await server.start()
     for _ in range(3):
         resp = await post(pool, url)
@@ -137,14 +92,14 @@ async def test_chunked_close_delimited_and_interim_responses(pool):
         b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
     )
-    server = Server(await answer(chunked))
+    server = Server(answer(chunked))
     url = await server.start()
     resp = await post(pool, url)
     assert resp.status == 200 and await resp.read() == b"abcde"
     assert resp.content_length is None
     resp.close()
     await server.close()
-    server = Server(await answer(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil eof", False))
+    server = Server(answer(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil eof", False))
     url = await server.start()
     resp = await post(pool, url)
     assert await resp.read() == b"until eof"
@@ -153,7 +108,7 @@ async def test_chunked_close_delimited_and_interim_responses(pool):
 
 
 async def test_body_cut_short_raises_disconnected(pool):
-    server = Server(await answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", False))
+    server = Server(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", False))
     url = await server.start()
     resp = await post(pool, url)
     with pytest.raises(Disconnected):
@@ -163,7 +118,7 @@ async def test_body_cut_short_raises_disconnected(pool):
 
 
 async def test_malformed_response_and_smuggling_headers(pool):
-    server = Server(await answer(b"NOT HTTP AT ALL\r\n\r\n", False))
+    server = Server(answer(b"NOT HTTP AT ALL\r\n\r\n", False))
     url = await server.start()
     with pytest.raises(Malformed):
         await post(pool, url)
@@ -177,7 +132,7 @@ async def test_malformed_response_and_smuggling_headers(pool):
 async def test_backpressure_pauses_reading_and_loses_nothing(pool):
     body = bytes(range(256)) * 8192  # 2 MiB
     head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
-    server = Server(await answer(head + body))
+    server = Server(answer(head + body))
     url = await server.start()
     resp = await post(pool, url)
     await asyncio.sleep(0.2)  # nobody reads: the buffer stops near the high-water mark
@@ -309,7 +264,7 @@ async def test_pipe_fails_on_an_idle_gap_and_on_a_cut_body(pool):
 
 
 async def test_a_connection_paused_at_the_end_of_a_body_goes_back_reading(pool):
-    server = Server(await answer(OK))
+    server = Server(answer(OK))
     url = await server.start()
     resp = await post(pool, url)
 
