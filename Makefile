@@ -118,5 +118,11 @@ else
 endif
 	@ls dist
 
+# Chaos under load (about 3 minutes): edge serve --workers 2 before a fleet of mocks, with hosts
+# killed, hung, slowed, failing, streams cut, the registry flapping, Redis restarted, SIGHUP and a
+# drain. Writes bench-results/chaos.json; exits 1 when a goal is missed. A short run is in make test.
+chaos: install sysdeps
+	$(PY) -m loadtests.chaos
+
 clean:
 	rm -rf $(VENV) $(LATEST) .mypy_cache .ruff_cache build dist *.egg-info edge/*.so

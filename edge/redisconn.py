@@ -16,6 +16,7 @@ saves the system calls that dominate a Redis round trip's CPU cost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -58,6 +59,7 @@ class RedisLink:
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
+        self._pool = pool
         self.client: Redis = Redis.from_pool(pool)  # closing the client closes the pool
         self.timeout_s = timeout_s
         self.clock = clock
@@ -76,7 +78,13 @@ class RedisLink:
             async with asyncio.timeout(self.timeout_s):
                 result = await fn()
         except self._errors as exc:
+            opened = self.up
             self._failed(op, exc)
+            if opened:
+                # The connections idle in the pool point at a Redis that went away: close them now
+                # rather than leave them half-closed (CLOSE_WAIT) until each is next taken.
+                with contextlib.suppress(*self._errors):
+                    await self._pool.disconnect(inuse_connections=False)
             raise RedisDown() from None
         if not self.up:
             self.up, self._backoff = True, _MIN_BACKOFF_S

@@ -120,6 +120,29 @@ async def test_fail_open_and_fail_closed(redis_server, links) -> None:  # noqa: 
     assert closed.link.up
 
 
+def _half_closed_to(port: int) -> int:
+    """This process's TCP connections to `port` the peer has closed and we have not (CLOSE_WAIT)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "08":
+                count += 1
+    return count
+
+
+async def test_a_dead_redis_leaves_no_half_closed_connections(redis_server, links) -> None:  # noqa: F811
+    link = _link(links, redis_server.url)
+    # Several calls at once: the pool opens several connections, idle once they are answered.
+    await asyncio.gather(*(link.call(link.client.ping) for _ in range(6)))
+    redis_server.kill()
+    await asyncio.sleep(0.1)  # the FINs arrive: the idle connections are half-closed now
+    with pytest.raises(RedisDown):
+        await link.call(link.client.ping)
+    assert not link.up
+    assert _half_closed_to(redis_server.port) == 0
+
+
 async def test_unanswering_redis_never_hangs(links) -> None:
     """A Redis that accepts connections and never answers: every call ends at its deadline."""
 
