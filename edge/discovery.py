@@ -7,9 +7,13 @@ an ETag.
 
 Each source keeps its last good view: a registry that fails, answers garbage, or suddenly lists
 no server at all changes nothing (logged, counted), so one bad refresh never empties the fleet.
-The last good views are also written to `cache_file` (atomically: a temporary file renamed over
+The last good views are also written to a cache file (atomically: a temporary file renamed over
 it), and read back at start, so an edge started while a registry is down routes from them until
-the registry answers.
+the registry answers. `cache_file = "auto"` (the default) keeps one file per set of sources, so
+two edges with different registries on one machine never read each other's view: under the
+service manager's cache or state directory (systemd's CacheDirectory=/StateDirectory=), else
+$XDG_CACHE_HOME/edge, else ~/.cache/edge. A cache that cannot be written costs one warning, not
+the service.
 
 A server's identity is its normalised URL: HostTable keeps its Host (statistics, health) across
 refreshes. A server no source names any more is marked REMOVED and takes no new requests; the
@@ -20,13 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -137,31 +142,74 @@ def read_cache(path: str) -> dict[str, View]:
         doc = orjson.loads(Path(path).read_bytes())
         sources = doc["sources"]
         return {name: parse_registry(view) for name, view in sources.items()}
-    except FileNotFoundError:
-        return {}
+    except (FileNotFoundError, NotADirectoryError):
+        return {}  # none yet (or no directory for it: the write says so, once)
     except (OSError, orjson.JSONDecodeError, SourceError, KeyError, TypeError, AttributeError):
         log.warning("discovery: ignored an unreadable cache file %s", path)
         return {}
 
 
-def write_cache(path: str, views: Mapping[str, View]) -> None:
-    """Atomically: a reader (another worker, the next start) sees the old file or the new one."""
+AUTO: Final = "auto"
+# systemd sets these for CacheDirectory= / StateDirectory= (several directories: ':'-separated).
+_SERVICE_DIRS: Final = ("CACHE_DIRECTORY", "STATE_DIRECTORY")
+
+
+def cache_dir(env: Mapping[str, str]) -> str:
+    """Where "auto" cache files go, from the environment (see the module docstring); "" when
+    nothing names an absolute directory (no HOME either)."""
+    for name in _SERVICE_DIRS:
+        first = env.get(name, "").split(":")[0]
+        if first:
+            return first
+    xdg = env.get("XDG_CACHE_HOME", "")
+    # The XDG spec says to ignore a relative path: it would depend on the working directory.
+    base = xdg if os.path.isabs(xdg) else os.path.join(_home(env), ".cache")
+    return os.path.join(base, "edge") if os.path.isabs(base) else ""
+
+
+def _home(env: Mapping[str, str]) -> str:
+    home = env.get("HOME")
+    return home if home is not None else os.path.expanduser("~")  # the password database's
+
+
+def cache_path(setting: str, sources: Iterable[str], env: Mapping[str, str]) -> str:
+    """The file `[discovery] cache_file` names for these sources; "" for none.
+
+    "auto": one file per set of sources (order and repeats do not matter), named by a hash of
+    the sorted list; no sources (static servers only) need no file."""
+    if setting != AUTO:
+        return setting
+    names = sorted(set(sources))
+    directory = cache_dir(env)
+    if not names or not directory:
+        return ""
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    return os.path.join(directory, f"discovery-{digest}.json")
+
+
+def write_cache(path: str, views: Mapping[str, View], make_dir: bool = False) -> None:
+    """Atomically: a reader (another worker, the next start) sees the old file or the new one.
+
+    `make_dir`: create the file's directory first (mode 0700: the file names every server).
+    Raises OSError (the temporary file removed) when the file cannot be written."""
     doc = {
         "version": 1,
         "sources": {n: {m: {"servers": list(u)} for m, u in v.items()} for n, v in views.items()},
     }
     # A name of its own per write: workers (and edges in one process) may write at once.
     tmp = f"{path}.{os.getpid()}.{next(_WRITES)}.tmp"
+    if make_dir:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     try:
         with open(tmp, "wb") as f:
             f.write(orjson.dumps(doc))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
-        log.warning("discovery: cannot write the cache file %s: %s", path, exc.strerror)
+    except OSError:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        raise
 
 
 class Discovery:
@@ -179,8 +227,10 @@ class Discovery:
         view: FleetView,
         session: aiohttp.ClientSession,
         on_result: Callable[[bool], None] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings
+        self.env = os.environ if env is None else env  # where "auto" puts the cache file
         self.static = parse_registry({m: {"servers": list(s)} for m, s in static.items()})
         self.table = table
         self.view = view
@@ -189,7 +239,11 @@ class Discovery:
         self.sources = [Source(name) for name in settings.sources]
         self.refreshes = 0
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.cache_file = cache_path(settings.cache_file, settings.sources, self.env)
         self._cache_loaded = False
+        self._cache_warned = False
+        if settings.cache_file == AUTO and settings.sources and not self.cache_file:
+            self._cache_failed("(auto)", OSError("no HOME, XDG_CACHE_HOME or CACHE_DIRECTORY"))
         self._written: dict[str, View] | None = None
 
     def reconfigure(
@@ -200,6 +254,9 @@ class Discovery:
         self.settings = settings
         self.static = parse_registry({m: {"servers": list(s)} for m, s in static.items()})
         self.sources = [known.get(name) or Source(name) for name in settings.sources]
+        path = cache_path(settings.cache_file, settings.sources, self.env)
+        if path != self.cache_file:  # another set of sources: its own file, read at the refresh
+            self.cache_file, self._cache_loaded, self._written = path, False, None
 
     async def refresh(self) -> None:
         """Read every source once (concurrently) and swap in the merged fleet."""
@@ -242,7 +299,7 @@ class Discovery:
 
     async def _load_cache(self) -> None:
         self._cache_loaded = True
-        path = self.settings.cache_file
+        path = self.cache_file
         if not path:
             return
         cached = await asyncio.to_thread(read_cache, path)
@@ -252,16 +309,34 @@ class Discovery:
         self._written = cached
 
     async def _save_cache(self) -> None:
-        path = self.settings.cache_file
+        path = self.cache_file
         fresh = {s.name: s.view for s in self.sources if s.view is not None and not s.cached}
         if not path or not fresh:
             return
         # A source still on its cached view keeps that view in the file.
         names = {s.name for s in self.sources}
         views = {n: v for n, v in (self._written or {}).items() if n in names} | fresh
-        if views != self._written:
-            await asyncio.to_thread(write_cache, path, views)
-            self._written = views
+        if views == self._written:
+            return
+        try:
+            await asyncio.to_thread(write_cache, path, views, self.settings.cache_file == AUTO)
+        except OSError as exc:
+            self._cache_failed(path, exc)
+            return
+        self._written, self._cache_warned = views, False
+
+    def _cache_failed(self, path: str, exc: OSError) -> None:
+        # Tried again at each refresh (a failed open costs nothing), but said once: the edge
+        # serves without the file, it only cannot start from it while a registry is down.
+        if self._cache_warned:
+            return
+        self._cache_warned = True
+        auto = self.settings.cache_file == AUTO
+        hint = " (set [discovery] cache_file, or CacheDirectory= under systemd)" if auto else ""
+        log.warning(
+            "discovery: cannot write the cache file %s: %s; serving without it%s",
+            path, exc.strerror or exc, hint,
+        )  # fmt: skip
 
     async def run(self) -> None:
         """Refresh every `refresh_s`, jittered so that replicas do not poll in step."""

@@ -2,18 +2,22 @@
 
 It is the upstream for the proxy's tests and throughput benchmarks, so answers are
 deterministic, cheap to produce, and scriptable per request through X-Mock-* headers.
+
+A test control of the mock only (never of the edge, which forwards only API paths): `POST
+/_mock/fault` with a JSON `Fault` (`{}` clears it) makes every request that follows slower,
+failing with a status, or its stream cut off after some events, until the next one; `GET
+/_mock/fault` says which is in force. Chaos runs (loadtests/chaos) switch faults with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
+import dataclasses
 import hashlib
 import math
 import os
 import random
-import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -25,17 +29,22 @@ from multidict import istr
 
 from edge.mockwire import (
     Events,
+    Fault,
     Turn,
     anthropic_events,
+    cut_connection,
+    encode_vector,
     gemini_chunks,
     gemini_merge,
     json_array,
     openai_usage,
+    relevance,
     sse,
     token_texts,
+    vector,
 )
 
-__all__ = ["MockOptions", "add_arguments", "build_app", "options_from_args", "serve"]
+__all__ = ["Fault", "MockOptions", "add_arguments", "build_app", "options_from_args", "serve"]
 
 SERVER_HEADER = istr("X-Mock-Server")
 TTFT_HEADER = istr("X-Mock-TTFT-Ms")
@@ -45,9 +54,6 @@ STATUS_HEADER = istr("X-Mock-Status")
 _OVERRIDES = (TTFT_HEADER, CHUNK_HEADER, TOKENS_HEADER)
 
 _SSE_DONE = b"data: [DONE]\n\n"
-_EMBEDDING_DIM = 8
-_VECTOR = struct.Struct(f"<{_EMBEDDING_DIM}f")
-_RAW_VECTOR = struct.Struct(f"<{_EMBEDDING_DIM}i")
 
 # (chat?, streamed?) -> OpenAI "object" field; legacy completions use one name for both
 _OPENAI_OBJECTS = {
@@ -80,23 +86,28 @@ class MockOptions:
     chunk_ms: float = 0.0
     tokens: int = 16
     fail_rate: float = 0.0
+    # An idle keep-alive connection is closed after this (aiohttp's default; uvicorn, under
+    # vLLM, closes after 5 s): clients' pools must expect it.
+    keepalive_s: float = 75.0
 
     def __post_init__(self) -> None:
         if not self.models:
             raise ValueError("a mock must serve at least one model")
-        if self.ttft_ms < 0 or self.chunk_ms < 0 or self.tokens < 0:
-            raise ValueError("delays and token counts must be >= 0")
+        if self.ttft_ms < 0 or self.chunk_ms < 0 or self.tokens < 0 or self.keepalive_s < 0:
+            raise ValueError("delays, token counts and keepalive_s must be >= 0")
         if not 0.0 <= self.fail_rate <= 1.0:
             raise ValueError("fail_rate must be within [0, 1]")
 
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """How one request behaves once header overrides are applied."""
+    """How one request behaves once header overrides (and a fault) are applied."""
 
     ttft_ms: float
     chunk_ms: float
     tokens: int
+    cut_after: int = -1  # events streamed before the connection is dropped; -1: all of them
+    partial: bool = False  # half of the next event's chunk goes out first
 
 
 @dataclass(eq=False)
@@ -219,7 +230,11 @@ async def _stream(
         await _pause(plan.ttft_ms)
         for event in events.head:
             await resp.write(event)
-        for event in events.body:
+        for sent, event in enumerate(events.body):
+            if sent == plan.cut_after and request.transport is not None:
+                chunked = resp.headers.get("Transfer-Encoding") == "chunked"
+                cut_connection(request.transport, event if plan.partial and chunked else b"")
+                return resp
             await _pause(plan.chunk_ms)
             await resp.write(event)
         for event in events.tail:
@@ -227,14 +242,6 @@ async def _stream(
     except ConnectionResetError:
         pass  # the client hung up mid-stream; there is nobody left to answer
     return resp
-
-
-def _vector(item: str | list[int]) -> tuple[float, ...]:
-    """A unit vector from the input's hash, rounded to float32 so both encodings agree."""
-    raw = item.encode() if isinstance(item, str) else orjson.dumps(item)
-    ints = _RAW_VECTOR.unpack(hashlib.sha256(raw).digest())
-    norm = math.sqrt(sum(i * i for i in ints)) or 1.0
-    return _VECTOR.unpack(_VECTOR.pack(*(i / norm for i in ints)))
 
 
 def _is_tokens(value: object) -> bool:
@@ -260,11 +267,6 @@ def _rerank_text(doc: object) -> str:
     raise _Reject(400, "documents must be strings or objects with text", param="documents")
 
 
-def _relevance(query: str, doc: str) -> float:
-    digest = hashlib.sha256(query.encode() + b"\x00" + doc.encode()).digest()
-    return int.from_bytes(digest[:4], "big") / 2**32
-
-
 class _Mock:
     """Handlers bound to one server's options; holds only read-only precomputed pieces."""
 
@@ -273,6 +275,7 @@ class _Mock:
         self.models = frozenset(opts.models)
         self.default_plan = _Plan(opts.ttft_ms, opts.chunk_ms, opts.tokens)
         self.rng = random.Random()
+        self.fault: Fault | None = None
         created = int(time.time())
         listing = [
             {"id": m, "object": "model", "created": created, "owned_by": opts.name}
@@ -298,13 +301,36 @@ class _Mock:
             raise self.scripted_failure(headers)
         if self.opts.fail_rate and self.rng.random() < self.opts.fail_rate:
             raise _Reject(503, f"mock {self.opts.name} failed on purpose", code="mock_failure")
-        if not any(name in headers for name in _OVERRIDES):
-            return base
-        return _Plan(
-            _header(headers, TTFT_HEADER, base.ttft_ms),
-            _header(headers, CHUNK_HEADER, base.chunk_ms),
-            int(_header(headers, TOKENS_HEADER, base.tokens, integral=True)),
-        )
+        if any(name in headers for name in _OVERRIDES):
+            base = _Plan(
+                _header(headers, TTFT_HEADER, base.ttft_ms),
+                _header(headers, CHUNK_HEADER, base.chunk_ms),
+                int(_header(headers, TOKENS_HEADER, base.tokens, integral=True)),
+            )
+        return base if self.fault is None else self.faulty(base, self.fault)
+
+    def faulty(self, plan: _Plan, fault: Fault) -> _Plan:
+        if fault.status and self.rng.random() < fault.rate:
+            message = f"mock {self.opts.name} fails on purpose (fault {fault.status})"
+            raise _Reject(fault.status, message, code="mock_fault")
+        ttft, chunk = plan.ttft_ms + fault.ttft_ms, plan.chunk_ms + fault.chunk_ms
+        return _Plan(ttft, chunk, plan.tokens, fault.cut_after, fault.partial)
+
+    # --- test control -------------------------------------------------------------
+
+    async def set_fault(self, request: web.Request) -> web.StreamResponse:
+        try:
+            _, body = await _read_json(request)
+            self.fault = Fault(**body) if body else None
+        except _Reject as err:
+            return _json(_openai_error(err), err.status)
+        except (TypeError, ValueError) as exc:  # an unknown field, a bad value
+            return _json(_openai_error(_Reject(400, f"bad fault: {exc}")), 400)
+        return await self.get_fault(request)
+
+    async def get_fault(self, request: web.Request) -> web.StreamResponse:
+        fault = self.fault or Fault()
+        return _json({"active": self.fault is not None, **dataclasses.asdict(fault)})
 
     def scripted_failure(self, headers: Mapping[str, str]) -> _Reject:
         status = int(_header(headers, STATUS_HEADER, 0, integral=True))
@@ -387,7 +413,7 @@ class _Mock:
         if encoding not in ("float", "base64"):
             raise _Reject(400, "encoding_format must be float or base64", param="encoding_format")
         data = [
-            {"object": "embedding", "index": i, "embedding": _encode(_vector(item), encoding)}
+            {"object": "embedding", "index": i, "embedding": encode_vector(vector(item), encoding)}
             for i, item in enumerate(inputs)
         ]
         used = sum(_words(item) for item in inputs)
@@ -402,9 +428,7 @@ class _Mock:
             raise _Reject(400, "rerank needs a query string and a documents list")
         texts = [_rerank_text(doc) for doc in docs]
         top_n = _limit(body, "top_n")
-        scored = [
-            {"index": i, "relevance_score": _relevance(query, t)} for i, t in enumerate(texts)
-        ]
+        scored = [{"index": i, "relevance_score": relevance(query, t)} for i, t in enumerate(texts)]
         scored.sort(key=lambda r: -r["relevance_score"])
         usage = {"total_tokens": _words(query) + _words(texts)}
         await _pause(plan.ttft_ms)
@@ -495,12 +519,6 @@ class _Mock:
         return _json({"status": "not_found", "model": model}, 404)
 
 
-def _encode(vector: tuple[float, ...], encoding: str) -> list[float] | str:
-    if encoding == "base64":
-        return base64.b64encode(_VECTOR.pack(*vector)).decode()
-    return list(vector)
-
-
 def build_app(opts: MockOptions) -> web.Application:
     mock = _Mock(opts)
     app = web.Application()
@@ -516,6 +534,8 @@ def build_app(opts: MockOptions) -> web.Application:
     app.router.add_get("/v1/models", mock.list_models)
     app.router.add_get("/health", mock.health)
     app.router.add_get("/health/{model:.+}", mock.model_health)
+    app.router.add_post("/_mock/fault", mock.set_fault)
+    app.router.add_get("/_mock/fault", mock.get_fault)
     return app
 
 
@@ -551,6 +571,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-ms", type=_non_negative(float), default=d.chunk_ms)
     parser.add_argument("--tokens", type=_non_negative(int), default=d.tokens)
     parser.add_argument("--fail-rate", type=_probability, default=d.fail_rate)
+    parser.add_argument(
+        "--keepalive-s", type=_non_negative(float), default=d.keepalive_s,
+        help="idle keep-alive connections are closed after this",
+    )  # fmt: skip
 
 
 def options_from_args(ns: argparse.Namespace) -> MockOptions:
@@ -563,12 +587,15 @@ def options_from_args(ns: argparse.Namespace) -> MockOptions:
         chunk_ms=ns.chunk_ms,
         tokens=int(ns.tokens),
         fail_rate=ns.fail_rate,
+        keepalive_s=ns.keepalive_s,
     )
 
 
 async def serve(opts: MockOptions) -> None:
     """Serve until cancelled; the printed line doubles as a readiness signal for scripts."""
-    runner = web.AppRunner(build_app(opts), handle_signals=False, access_log=None)
+    runner = web.AppRunner(
+        build_app(opts), handle_signals=False, access_log=None, keepalive_timeout=opts.keepalive_s
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, opts.host, opts.port, reuse_address=True)

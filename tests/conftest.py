@@ -4,11 +4,16 @@
 - `start_edge(models={model: [urls]}, **overrides)` -> a running in-process edge `Worker`
   (its `.url` is the base URL); overrides use config's `section__setting=value` form.
 - `procs` -> a `Procs` registry (tests/procs.py) for subprocess servers, killed at teardown.
+
+Every test gets a cache directory of its own (`XDG_CACHE_HOME`, inherited by the subprocesses
+it starts): discovery's default `cache_file = "auto"` writes there, never to the user's
+~/.cache, and no test reads a fleet another test left behind.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +26,16 @@ from tests.procs import Procs
 
 class EdgeUnderTest(Worker):
     url: str
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's XDG_CACHE_HOME; the service managers' directories are unset."""
+    home = tmp_path_factory.mktemp("cache-home")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    for name in ("CACHE_DIRECTORY", "STATE_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
+    return home
 
 
 @pytest.fixture

@@ -1,22 +1,29 @@
 """Discovery against a registry the test controls: servers added and removed (streams on a removed
-one finish), ETag, the registry down or answering garbage, an edge restarted from the cache file,
+one finish), ETag, the registry down or answering garbage, an edge restarted from the cache file
+(a named one, and the default "auto" one per set of sources, as a killed `edge serve` process),
 and https upstreams verified by default."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
+import signal
 import ssl
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 
-from edge.discovery import Discovery, Source, read_cache, write_cache
-from edge.fleet import REMOVED, UP
-from tests.procs import free_port
+from edge.config import DiscoverySettings
+from edge.discovery import Discovery, Source, cache_path, read_cache, write_cache
+from edge.fleet import REMOVED, UP, FleetView, HostTable
+from tests.procs import Procs, free_port
 from tests.test_health import until
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -161,9 +168,6 @@ def test_cache_file_is_replaced_atomically_and_a_bad_one_is_ignored(tmp_path: Pa
 
 
 async def test_file_sources_and_static_servers_merge(tmp_path: Path):
-    from edge.config import DiscoverySettings
-    from edge.fleet import FleetView, HostTable
-
     fleet_file = tmp_path / "f.json"
     fleet_file.write_text(orjson.dumps({"m": {"servers": ["http://127.0.0.1:2"]}}).decode())
     view = FleetView()
@@ -228,3 +232,131 @@ async def test_https_upstreams_are_verified_and_a_ca_bundle_is_trusted(start_edg
         assert trusting.view.fleet.models["m"][0].state == UP
     finally:
         await runner.cleanup()
+
+
+async def test_an_edge_restarted_while_its_registry_is_down_routes_from_the_auto_cache(
+    procs: Procs, start_mock, cache_home: Path
+):
+    """`edge serve` with no config at all: killed, registry gone, started again: it routes."""
+    a = await start_mock(models=("m",), name="A")
+    registry = Registry()
+    registry.serve({"m": [a]})
+    await registry.open()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        # In a thread: the edge reads the registry (served by this loop) before it listens.
+        first = await asyncio.to_thread(procs.edge, port, "--models", registry.url)
+        files = cache_home / "edge"
+        await until(lambda: len(list(files.glob("discovery-*.json"))) == 1)
+        async with aiohttp.ClientSession() as client:
+            assert await chat(client, base) == "A"
+            first.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(first.wait, 10)
+            await registry.close()
+            await asyncio.to_thread(procs.edge, port, "--models", registry.url)
+            assert await chat(client, base) == "A"
+        assert stat.S_IMODE(files.stat().st_mode) == 0o700
+        assert [p.name for p in files.iterdir()] == [cache_path("auto", [registry.url], {
+            "XDG_CACHE_HOME": str(cache_home)
+        }).rsplit("/", 1)[1]]  # fmt: skip
+    finally:
+        await registry.close()
+
+
+def _discovery(sources: list[str], **settings: Any) -> Discovery:
+    d = DiscoverySettings(sources=tuple(sources), **settings)
+    return Discovery(d, {}, HostTable(), FleetView(), session=None)  # type: ignore[arg-type]
+
+
+def _fleet(path: Path, *urls: str) -> str:
+    path.write_bytes(orjson.dumps({"m": {"servers": list(urls)}}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("env", "where"),
+    [
+        ({"CACHE_DIRECTORY": "{t}/cache:{t}/other"}, "{t}/cache"),
+        ({"STATE_DIRECTORY": "{t}/state"}, "{t}/state"),
+        ({"CACHE_DIRECTORY": "{t}/c", "STATE_DIRECTORY": "{t}/s"}, "{t}/c"),
+        ({"XDG_CACHE_HOME": "{t}/xdg"}, "{t}/xdg/edge"),
+        ({"XDG_CACHE_HOME": "relative/ignored", "HOME": "{t}/home"}, "{t}/home/.cache/edge"),
+        ({"HOME": "{t}/home"}, "{t}/home/.cache/edge"),
+        ({"HOME": "relative"}, ""),  # nowhere to put it: no file (and one warning)
+    ],
+)
+async def test_the_auto_cache_file_lands_where_the_environment_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    env: dict[str, str], where: str,
+):  # fmt: skip
+    for name in ("XDG_CACHE_HOME", "CACHE_DIRECTORY", "STATE_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(t=tmp_path))
+    source = _fleet(tmp_path / "fleet.json", "http://127.0.0.1:1")
+    d = _discovery([source])
+    await d.refresh()
+    if not where:
+        assert d.cache_file == "" and "no HOME, XDG_CACHE_HOME" in caplog.text
+        assert not list(tmp_path.glob("**/discovery-*.json")) and not Path("relative").exists()
+        return
+    directory = Path(where.format(t=tmp_path))
+    written = list(directory.glob("discovery-*.json"))
+    assert [str(p) for p in written] == [d.cache_file]
+    assert read_cache(d.cache_file) == {source: {"m": ("http://127.0.0.1:1",)}}
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert not Path("auto").exists()  # the old reading of "auto": a file in the working dir
+
+
+async def test_each_set_of_sources_has_its_own_file_and_static_servers_none(
+    tmp_path: Path, cache_home: Path
+):
+    one = _fleet(tmp_path / "one.json", "http://127.0.0.1:1")
+    two = _fleet(tmp_path / "two.json", "http://127.0.0.1:2")
+    first, both, swapped = _discovery([one]), _discovery([one, two]), _discovery([two, one, two])
+    for d in (first, both, swapped):
+        await d.refresh()
+    assert both.cache_file == swapped.cache_file != first.cache_file
+    assert read_cache(first.cache_file) == {one: {"m": ("http://127.0.0.1:1",)}}
+    assert set(read_cache(both.cache_file)) == {one, two}
+    assert len(list((cache_home / "edge").iterdir())) == 2
+
+    # A restart of the one-source edge with that file gone from under it: nothing to read back.
+    Path(tmp_path / "one.json").unlink()
+    restarted = _discovery([one])
+    await restarted.refresh()
+    assert {h.url for h in restarted.view.fleet.models["m"]} == {"http://127.0.0.1:1"}
+    assert restarted.sources[0].cached
+
+    # SIGHUP to another set of sources: the other file is read, then written.
+    restarted.reconfigure(DiscoverySettings(sources=(two, one)), {})
+    await restarted.refresh()
+    assert restarted.cache_file == both.cache_file
+    assert {h.url for h in restarted.view.fleet.models["m"]} == {
+        "http://127.0.0.1:1", "http://127.0.0.1:2"
+    }  # fmt: skip
+
+    static = _discovery([])
+    static.static = {"m": ("http://127.0.0.1:3",)}
+    await static.refresh()
+    assert static.cache_file == "" and len(list((cache_home / "edge").iterdir())) == 2
+
+
+async def test_an_unwritable_cache_is_one_warning_and_serving_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")  # a file where the directory should be: unwritable even for root
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    fleet = tmp_path / "fleet.json"
+    d = _discovery([_fleet(fleet, "http://127.0.0.1:1")])
+    caplog.set_level(logging.WARNING, "edge.discovery")
+    for port in range(1, 6):  # a new view each time, so each refresh tries to write
+        _fleet(fleet, f"http://127.0.0.1:{port}")
+        await d.refresh()
+        assert [h.url for h in d.view.fleet.models["m"]] == [f"http://127.0.0.1:{port}"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "cannot write the cache file" in warnings[0]
+    assert "CacheDirectory=" in warnings[0]
+    assert not list(tmp_path.glob("**/*.tmp"))

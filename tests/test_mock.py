@@ -492,6 +492,85 @@ async def test_client_disconnect_mid_stream_is_quiet(
 # --- SDK compatibility --------------------------------------------------------------
 
 
+async def raw_post(client: TestClient[Any, Any], path: str, doc: Any) -> bytes:
+    """Everything the server sends until it closes: framing included."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    body = orjson.dumps(doc)
+    writer.write(
+        b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path.encode(), len(body))
+        + body
+    )
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_fault_control_slows_fails_and_cuts_until_cleared(
+    client: TestClient[Any, Any],
+) -> None:
+    stream = {**CHAT, "stream": True}
+    async with client.get("/_mock/fault") as resp:
+        assert (await resp.json())["active"] is False
+
+    async def fault(body: Any) -> tuple[int, Any]:
+        async with client.post("/_mock/fault", data=orjson.dumps(body)) as resp:
+            return resp.status, await resp.json()
+
+    # Slow: added to the header overrides, not replaced by them.
+    status, shown = await fault({"ttft_ms": 150, "chunk_ms": 20})
+    assert status == 200 and shown["active"] and shown["ttft_ms"] == 150
+    started = time.monotonic()
+    assert (await post(client, "/v1/chat/completions", CHAT, headers={"X-Mock-TTFT-Ms": "5"}))[
+        0
+    ] == 200
+    assert time.monotonic() - started >= 0.155
+    started = time.monotonic()
+    async with client.post("/v1/chat/completions", json=stream) as resp:
+        await resp.read()
+    assert time.monotonic() - started >= 0.15 + 5 * 0.02
+
+    # A status to a share of requests, in the route's dialect.
+    await fault({"status": 503, "rate": 1.0})
+    code, body = await post(client, "/v1/messages", {**CHAT, "max_tokens": 5})
+    assert code == 503 and body["error"]["type"] == "overloaded_error"
+    await fault({"status": 500, "rate": 0.0})
+    assert (await post(client, "/v1/chat/completions", CHAT))[0] == 200
+
+    # Cut: the connection drops after two token events, with no end of the chunked body.
+    await fault({"cut_after": 2})
+    async with client.post("/v1/chat/completions", json=stream) as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    assert (await post(client, "/v1/chat/completions", CHAT))[0] == 200  # not a stream: whole
+    await fault({"cut_after": 1, "partial": True})  # and half of the next event's chunk first
+    chunks = (await raw_post(client, "/v1/chat/completions", stream)).split(b"\r\n\r\n", 1)[1]
+    sizes = []
+    while b"\r\n" in chunks:
+        size, _, chunks = chunks.partition(b"\r\n")
+        sizes.append(int(size, 16))
+        if len(chunks) < sizes[-1]:
+            break
+        assert chunks[sizes[-1] : sizes[-1] + 2] == b"\r\n"
+        chunks = chunks[sizes[-1] + 2 :]
+    assert len(sizes) == 3 and 0 < len(chunks) < sizes[-1]  # role, one token, half of one
+
+    # Cleared, and bad faults refused (the one in force stays).
+    assert (await fault({}))[1]["active"] is False
+    async with client.post("/v1/chat/completions", json=stream) as resp:
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+    bad_faults = ({"status": 200}, {"rate": 2}, {"cut_after": -2}, {"nope": 1}, {"ttft_ms": "1"})
+    for bad in (*bad_faults, {"partial": 1}):
+        status, shown = await fault(bad)
+        assert status == 400 and "bad fault" in shown["error"]["message"], bad
+    async with client.post("/_mock/fault", data=b"[") as resp:
+        assert resp.status == 400
+    async with client.get("/_mock/fault") as resp:
+        assert (await resp.json())["active"] is False
+
+
 async def test_openai_sdk_round_trip(client: TestClient[Any, Any]) -> None:
     openai = pytest.importorskip("openai")
     async with openai.AsyncOpenAI(
@@ -554,6 +633,8 @@ def test_arguments_map_onto_options() -> None:
     argv = "--port 7 --model a --model b --name n --ttft-ms 5 --chunk-ms 1.5 --tokens 3"
     opts = options_from_args(parser.parse_args([*argv.split(), "--fail-rate", "0.25"]))
     assert opts == MockOptions(7, "127.0.0.1", ("a", "b"), "n", 5.0, 1.5, 3, 0.25)
+    opts = options_from_args(parser.parse_args(["--keepalive-s", "0.2"]))
+    assert opts.keepalive_s == 0.2
 
 
 @pytest.mark.parametrize("argv", [["--fail-rate", "1.5"], ["--tokens", "-1"], ["--ttft-ms", "x"]])
@@ -573,7 +654,8 @@ def test_options_validate_themselves() -> None:
 
 
 async def test_serve_prints_ready_line_and_cleans_up(capsys: pytest.CaptureFixture[str]) -> None:
-    task = asyncio.create_task(serve(MockOptions(port=0, models=("a", "b"), name="srv")))
+    opts = MockOptions(port=0, models=("a", "b"), name="srv", keepalive_s=0.2)
+    task = asyncio.create_task(serve(opts))
     out = ""
     for _ in range(100):
         await asyncio.sleep(0.01)
@@ -585,6 +667,16 @@ async def test_serve_prints_ready_line_and_cleans_up(capsys: pytest.CaptureFixtu
     url = out.strip().rsplit(" ", 1)[1]
     async with aiohttp.ClientSession() as session, session.get(f"{url}/health") as resp:
         assert resp.status == 200 and resp.headers["X-Mock-Server"] == "srv"
+    # An idle keep-alive connection is closed by the mock after keepalive_s, not before.
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    await reader.readexactly(len(b'{"status":"ok"}'))
+    started = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 2) == b""
+    assert 0.15 < time.monotonic() - started < 1.5
+    writer.close()
+    await writer.wait_closed()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
