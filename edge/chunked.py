@@ -9,9 +9,13 @@ as it is, after a check of its framing here, and only the terminating chunk (wit
 fields) is left for the edge to write. Until then, and for any reader that wants the body
 itself, the chunk data are cut out of the framing, as a parser would.
 
-Nothing an upstream sends reaches the client before its framing is checked: a size line or the
-CRLF after a chunk's data is held back until it is whole, so what was passed on is always a
-well-framed prefix that the edge can end (with an error event) or cut off.
+Nothing an upstream sends reaches the client before its framing is checked, and raw, nothing
+but whole chunks (size line, data, CRLF) reaches it: a chunk that a read ends inside is held
+back until the rest of it came (up to HOLD_MAX), so what was passed on is always a well-framed
+prefix that ends between chunks, and the edge can end it with an error event when the upstream
+dies at any byte. A chunk larger than HOLD_MAX is passed on as it arrives, as the only exception:
+an upstream that dies inside one leaves the client holding part of a chunk, and the relay can
+only cut the client's connection.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ TRAILER: Final = 3
 DONE: Final = 4
 _MAX_LINE: Final = 4096  # a size line (with extensions) or trailer field
 _MAX_TRAILER: Final = 16384
+# Raw: the largest chunk (size line, data and CRLF) held back whole when a read ends inside it.
+# An SSE event is far smaller (a token's delta is a few hundred bytes), so every stream of events
+# reaches the client in whole chunks; a larger chunk goes on as it arrives instead of being
+# buffered. A chunk dribbled in k reads is copied k times (at most this much each time).
+HOLD_MAX: Final = 65536
 
 
 class Malformed(ValueError):
@@ -43,14 +52,19 @@ class Chunks:
     def __init__(self) -> None:
         self.state = SIZE
         self.left = 0  # data bytes of the current chunk still to come
-        self.held = b""  # the start of a line (or CRLF) not whole yet: neither checked nor sent
+        # Neither handed on nor (but for a held chunk's size line) checked: the start of a line
+        # or CRLF not whole yet, or, raw, the start of a chunk not whole yet. `state` is where
+        # its first byte is: a held chunk is read again from its size line with what follows.
+        self.held = b""
         self.framing = 0  # bytes of framing handed on raw (the body is the rest of them)
         self.trailer = 0  # bytes of trailer fields so far
         self.extra = False  # bytes came after the body ended: the connection is not reusable
 
     @property
     def at_boundary(self) -> bool:
-        """Between chunks (or past the last): raw passing may start or stop here."""
+        """Between chunks (or past the last): raw passing may start or stop here. Raw, what was
+        handed on ends here too (a chunk not whole yet is held back), unless a chunk over
+        HOLD_MAX is going on as it arrives."""
         return self.state == SIZE or self.state >= TRAILER
 
     @property
@@ -58,15 +72,15 @@ class Chunks:
         return self.state == DONE
 
     def feed(self, data: bytes, raw: bool) -> bytes:
-        """What of `data` to hand on: `raw`, the bytes as they came (framing and all) up to the
-        last chunk; else the chunk data alone. Raises Malformed, with the good part before the
-        bad framing in `good`; nothing of the bad part is ever returned."""
+        """What of `data` to hand on: `raw`, the bytes as they came (framing and all) in whole
+        chunks, up to the last chunk; else the chunk data alone. Raises Malformed, with the
+        good part before the bad framing in `good`; nothing of the bad part is ever returned."""
         if len(self.held):
             data = self.held + data
             self.held = b""
         n = len(data)
         i = 0
-        last_at = -1  # raw: where the last chunk's size line began, when it is in this piece
+        line_at = -1  # raw: where the last size line read in this piece began
         first = b""  # decoded: the chunk data (the usual piece holds one chunk) ...
         more: list[bytes] | None = None  # ... or all of them, when it holds several
         try:
@@ -101,8 +115,8 @@ class Chunks:
                         if n - i > _MAX_LINE:
                             raise Malformed("chunk size line too long")
                         break
+                    line_at = i
                     if size == 0:
-                        last_at = i
                         self.state = TRAILER
                     else:
                         if raw:
@@ -119,30 +133,49 @@ class Chunks:
                     if eol == i:  # the empty line: the body is over
                         self.state = DONE
                         self.extra = i + 2 < n
-                        return self._handed(data, raw, i, last_at, first, more)
+                        if raw:
+                            return self._raw(data, i, line_at)
+                        return first if more is None else b"".join(more)
                     self.trailer += eol + 2 - i
-                    if self.trailer > _MAX_TRAILER or b":" not in data[i:eol]:
+                    bad = eol - i > _MAX_LINE or b":" not in data[i:eol]
+                    if self.trailer > _MAX_TRAILER or bad:
                         raise Malformed("bad trailer section")
                     i = eol + 2
                 else:  # DONE
                     self.extra = True
                     return b""
         except Malformed as exc:
-            exc.good = self._handed(data, raw, i, last_at, first, more)
+            if raw:
+                exc.good = self._raw(data, i, line_at)
+            else:
+                exc.good = first if more is None else b"".join(more)
             raise
         if i < n:
             self.held = data[i:]
-        return self._handed(data, raw, i, last_at, first, more)
+        if raw:
+            if self.state == SIZE:  # the usual piece: whole chunks, handed on as they came
+                return data if i == n else data[:i]
+            return self._raw(data, i, line_at)
+        return first if more is None else b"".join(more)
 
-    def _handed(
-        self, data: bytes, raw: bool, i: int, last_at: int, first: bytes, more: list[bytes] | None
-    ) -> bytes:
-        """What `feed` hands on, read up to `i`: raw, one slice from the piece's start (nothing
-        is handed on from the last chunk's size line on); decoded, the chunk data."""
-        if not raw:
-            return first if more is None else b"".join(more)
-        stop = last_at if last_at >= 0 else i if self.state < TRAILER else 0
-        return data if stop == len(data) else data[:stop]
+    def _raw(self, data: bytes, i: int, line_at: int) -> bytes:
+        """What `feed` hands on raw when `data`, read up to `i`, does not end between chunks:
+        one slice from the piece's start, without the last chunk (from its size line on) nor
+        a chunk not whole yet, which is held back (read again when the rest of it came)."""
+        state = self.state
+        if state >= TRAILER:
+            return data[:line_at] if line_at >= 0 else b""
+        if state == SIZE:  # a bad size line
+            return data[:i]
+        if line_at < 0:  # inside a chunk over HOLD_MAX, going on as it arrives
+            return data[:i]
+        if i - line_at + self.left + 2 > HOLD_MAX:
+            return data[:i]  # a chunk over HOLD_MAX starts here: passed on as it arrives
+        self.held = data[line_at:]
+        self.framing -= data.find(b"\r\n", line_at) + 2 - line_at  # counted again when read
+        self.state = SIZE
+        self.left = 0
+        return data[:line_at]
 
 
 def _size_line(data: bytes, start: int) -> tuple[int, int]:
@@ -171,6 +204,8 @@ def _size_line(data: bytes, start: int) -> tuple[int, int]:
     eol = data.find(b"\r\n", i)
     if eol < 0:
         return -1, 0
+    if eol - start > _MAX_LINE:  # refused whole as it is in pieces (`feed`)
+        raise Malformed("chunk size line too long")
     # chunk-ext: BWS ";" ...; nothing a lenient client could read as a line end
     while i < eol and (data[i] == 32 or data[i] == 9):
         i += 1

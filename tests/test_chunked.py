@@ -3,11 +3,9 @@ and a hostile body refused before any of its bad framing is handed on."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
-from edge.chunked import Chunks, Malformed, unframe
+from edge.chunked import HOLD_MAX, Chunks, Malformed, unframe
 
 EVENTS = [b'data: {"n":1}\n\n', b"x" * 300, b'data: {"usage":{"prompt_tokens":3}}\n\n', b"!"]
 
@@ -99,12 +97,9 @@ def test_malformed_framing_is_refused_after_a_good_prefix(bad, raw):
         if not raw:
             assert passed.startswith(b"data: ok\n\n")
             continue
-        # Raw: whole good chunks, then at most a checked size line and data it announced;
-        # never a byte of bad framing.
-        assert passed.startswith(good)
-        if rest := passed[len(good) :]:
-            line = re.match(rb"([0-9a-f]+)\r\n", rest)
-            assert line and len(rest) - line.end() <= int(line[1], 16), rest
+        # Raw: the whole good chunks alone (a chunk is held until its CRLF was checked), never
+        # a byte of bad framing; the client is between chunks, so an error event can follow.
+        assert passed == good and chunks.at_boundary
 
 
 def test_endless_size_line_is_refused():
@@ -112,6 +107,18 @@ def test_endless_size_line_is_refused():
     with pytest.raises(Malformed):
         for _ in range(10):
             chunks.feed(b"a;" + b"x" * 1000, raw=True)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"1;" + b"e" * 5000 + b"\r\na\r\n0\r\n\r\n", b"0\r\nX: " + b"v" * 5000 + b"\r\n\r\n"],
+    ids=["size line", "trailer line"],
+)
+@pytest.mark.parametrize("raw", [True, False])
+def test_a_line_over_the_bound_is_refused_whole_as_in_pieces(body, raw):
+    for cuts in ([], [100], list(range(1000, len(body), 1000))):
+        with pytest.raises(Malformed, match="too long|bad trailer"):
+            read(body, raw, cuts)
 
 
 def test_at_boundary_only_between_chunks():
@@ -133,3 +140,59 @@ def test_unframe_joins_an_event_split_across_chunks():
     # Events with CRLF line endings keep them; only size lines go.
     crlf = framed([b"data: 1\r\n\r\n", b"data: 2\r\n\r\n"], end=b"")
     assert unframe(crlf) == b"b\r\ndata: 1\r\n\r\ndata: 2\r\n\r\n\r\n"
+
+
+# --- raw: whole chunks only, so an upstream that dies at any byte leaves the client between chunks
+
+ENDS = [len(framed(EVENTS[: k + 1], end=b"")) for k in range(len(EVENTS))]
+
+
+def whole_chunks(k: int) -> bytes:
+    """The whole chunks at the start of BODY[:k] (the last, terminating chunk never goes on)."""
+    return BODY[: max([e for e in ENDS if e <= k], default=0)]
+
+
+@pytest.mark.parametrize("k", range(len(BODY)))
+def test_raw_body_cut_at_any_byte_in_any_split_hands_on_whole_chunks(k):
+    """The upstream died after k bytes, read in any split: what went on is the whole chunks
+    before the cut, the client is between chunks, and the framing count matches what went on."""
+    for cuts in [[], *[[j] for j in range(1, k)], list(range(1, k))]:
+        out, chunks = read(BODY[:k], raw=True, cuts=cuts)
+        passed = b"".join(out)
+        assert passed == whole_chunks(k), cuts
+        assert chunks.at_boundary, cuts
+        whole = sum(1 for e in ENDS if e <= k)
+        assert len(passed) - chunks.framing == len(b"".join(EVENTS[:whole])), cuts
+
+
+def test_a_chunk_split_across_reads_is_held_then_handed_on_whole():
+    chunks = Chunks()
+    one, two = framed([b"data: 1\n\n"], end=b""), framed([b"data: 22\n\n"], end=b"")
+    assert chunks.feed(one + two[:4], raw=True) == one  # the whole chunk goes on, no more
+    assert chunks.at_boundary and chunks.framing == 5
+    assert chunks.feed(two[4:-1], raw=True) == b""
+    assert chunks.feed(two[-1:], raw=True) == two
+    assert chunks.at_boundary and chunks.framing == 10
+
+
+def test_a_chunk_up_to_the_hold_bound_is_held_a_larger_one_goes_on_as_it_arrives():
+    largest = framed([b"x" * (HOLD_MAX - 8)], end=b"")  # "fff8\r\n", the data, CRLF
+    assert len(largest) == HOLD_MAX
+    chunks = Chunks()
+    assert chunks.feed(largest[:-1], raw=True) == b""  # held whole, up to its last byte
+    assert chunks.at_boundary
+    assert chunks.feed(largest[-1:], raw=True) == largest
+    # One byte more: passed on as it arrives, so the client holds part of a chunk until its
+    # end came (an upstream that dies inside it gets the client's connection cut).
+    giant = framed([b"y" * (HOLD_MAX - 7)], end=b"")
+    assert len(giant) == HOLD_MAX + 1
+    small = framed([b"data: 1\n\n"], end=b"")
+    chunks = Chunks()
+    assert chunks.feed(small + giant[:1000], raw=True) == small + giant[:1000]
+    assert not chunks.at_boundary
+    assert chunks.feed(giant[1000:-1], raw=True) == giant[1000:-2]  # the CR waits for its LF
+    assert not chunks.at_boundary
+    # The giant's end, then a small chunk that a read ends inside: held again.
+    assert chunks.feed(giant[-1:] + small[:5], raw=True) == b"\r\n"
+    assert chunks.at_boundary
+    assert chunks.feed(small[5:] + b"0\r\n\r\n", raw=True) == small and chunks.done

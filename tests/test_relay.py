@@ -9,6 +9,7 @@ import aiohttp
 import orjson
 import pytest
 
+from edge.chunked import HOLD_MAX
 from edge.metrics import Usage
 from edge.relay import error_event, read_usage
 from tests.rawupstream import SSE_HEAD, RawUpstream, chunked
@@ -287,7 +288,32 @@ async def test_bad_chunk_framing_mid_stream_ends_with_an_error_event(start_edge)
     await upstream.close()
 
 
-async def test_upstream_dying_inside_a_chunk_cuts_the_client_off(start_edge):
+@pytest.mark.parametrize(
+    ("dialect_path", "dialect"), [("/v1/chat/completions", "openai"), ("/v1/messages", "anthropic")]
+)
+async def test_upstream_dying_inside_a_chunk_ends_with_an_error_event(
+    start_edge, dialect_path, dialect
+):
+    upstream = RawUpstream(SSE_HEAD)
+    url = await upstream.start()
+    edge = await start_edge({"raw": [url]})
+    async with aiohttp.ClientSession() as client:
+        upstream.pieces.put_nowait(chunked([b'data: {"n":1}\n\n'])[0])
+        async with client.post(f"{edge.url}{dialect_path}", data=CHAT) as resp:
+            assert await asyncio.wait_for(resp.content.readany(), timeout=2)
+            # A whole chunk, then 0x64 = 100 bytes announced and 11 sent: the part of a chunk
+            # is held back, so the client is between chunks when the upstream dies.
+            upstream.pieces.put_nowait(chunked([b'data: {"n":2}\n\n'])[0] + b'64\r\ndata: {"z"')
+            upstream.pieces.put_nowait(None)
+            # A clean end (the last chunk came, or aiohttp would raise ClientPayloadError).
+            rest = await asyncio.wait_for(resp.content.read(), timeout=5)
+    assert rest == b'data: {"n":2}\n\n' + error_event(dialect)
+    await upstream.close()
+
+
+async def test_upstream_dying_inside_a_chunk_over_the_hold_bound_cuts_the_client_off(start_edge):
+    """The one exception: a chunk over chunked.HOLD_MAX goes on as it arrives (never an SSE
+    event in practice), so the client holds part of it, no event can follow, and it is cut."""
     upstream = RawUpstream(SSE_HEAD)
     url = await upstream.start()
     edge = await start_edge({"raw": [url]})
@@ -295,10 +321,102 @@ async def test_upstream_dying_inside_a_chunk_cuts_the_client_off(start_edge):
         upstream.pieces.put_nowait(chunked([b'data: {"n":1}\n\n'])[0])
         async with client.post(f"{edge.url}/v1/chat/completions", data=CHAT) as resp:
             assert await asyncio.wait_for(resp.content.readany(), timeout=2)
-            # 0x64 = 100 bytes announced, 11 sent: the client holds part of a chunk, so no
-            # error event can follow; the connection is cut instead of left to hang.
-            upstream.pieces.put_nowait(b'64\r\ndata: {"n"')
+            upstream.pieces.put_nowait(b"%x\r\n" % HOLD_MAX + b"x" * 1000)
+            got = bytearray()
+            await _read_at_least(resp, got, 1000)  # passed on before the rest of the chunk came
             upstream.pieces.put_nowait(None)
             with pytest.raises(aiohttp.ClientPayloadError):
                 await asyncio.wait_for(resp.content.read(), timeout=5)
+    await upstream.close()
+
+
+async def test_a_chunk_held_until_whole_keeps_the_idle_clock_running(start_edge):
+    """A chunk that trickles in over more than the idle timeout, a part well within it each
+    time: held until whole, yet the server is not idle, so the stream is not failed."""
+    upstream = RawUpstream(SSE_HEAD)
+    url = await upstream.start()
+    edge = await start_edge({"raw": [url]}, upstream__idle_timeout_s=0.5)
+    event = b'data: {"n":2,"text":"' + b"x" * 50 + b'"}\n\n'
+    second = chunked([event])[0]
+    async with aiohttp.ClientSession() as client:
+        upstream.pieces.put_nowait(chunked([b'data: {"n":1}\n\n'])[0])
+        async with client.post(f"{edge.url}/v1/chat/completions", data=CHAT) as resp:
+            assert await asyncio.wait_for(resp.content.readany(), timeout=2)
+            for at in range(0, len(second), 8):  # 1.1 s for the chunk, 0.1 s a part
+                upstream.pieces.put_nowait(second[at : at + 8])
+                await asyncio.sleep(0.1)
+            upstream.pieces.put_nowait(b"0\r\n\r\n")
+            upstream.pieces.put_nowait(None)
+            rest = await asyncio.wait_for(resp.content.read(), timeout=5)
+    assert rest == event  # whole, and no error event after it
+    await upstream.close()
+
+
+# A stream cut at every byte after its first chunk: a whole event per chunk, an event split
+# across two chunks (with a UTF-8 character split too), the terminating chunk.
+FIRST = b'data: {"n":1}\n\n'
+REST = [b'data: {"n":2}\n\n', b'data: {"t":"caf\xc3', b'\xa9"}\n\n']
+REST_WIRE = b"".join(chunked(REST))
+REST_ENDS = [len(b"".join(chunked(REST)[: k + 1])) for k in range(len(REST))]
+
+
+def _strict_chunked(body: bytes) -> bytes:
+    """The data of a chunked body that must be well-framed and end with the last chunk."""
+    data, at = b"", 0
+    while True:
+        eol = body.index(b"\r\n", at)
+        size = int(body[at:eol], 16)
+        assert body[at:eol] == b"%x" % size, body
+        if size == 0:
+            assert body[eol:] == b"\r\n\r\n", body  # the last chunk, no trailer, nothing after
+            return data
+        data += body[eol + 2 : eol + 2 + size]
+        assert body[eol + 2 + size : eol + 4 + size] == b"\r\n", body
+        at = eol + 4 + size
+
+
+def _ended(data: bytes) -> bytes:
+    """`data`, then the error event, after a blank line when `data` stopped inside an event."""
+    lead = b"" if data.endswith(b"\n\n") else b"\n\n"
+    return data + lead + error_event("openai")
+
+
+async def test_upstream_cut_at_any_byte_ends_with_whole_chunks_and_an_error_event(start_edge):
+    """HTTP/1.1: the client gets the whole chunks that came before the cut, as they came (the
+    chunk the cut fell in never reaches it), then the error event and the last chunk."""
+    upstream = RawUpstream(SSE_HEAD)
+    url = await upstream.start()
+    edge = await start_edge({"raw": [url]})
+    first = chunked([FIRST])[0]
+    for k in range(len(REST_WIRE)):
+        pieces = [first, REST_WIRE[:k]] if k else [first]
+        wire = await _raw_exchange(edge.url, _request(b"1.1"), pieces, upstream)
+        head, _, body = wire.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head, k
+        whole = REST_WIRE[: max([e for e in REST_ENDS if e <= k], default=0)]
+        assert body.startswith(first + whole), k  # passed on as it came: never a partial chunk
+        data = FIRST + b"".join(REST[: sum(1 for e in REST_ENDS if e <= k)])
+        assert _strict_chunked(body) == _ended(data), k
+    await upstream.close()
+
+
+async def test_upstream_cut_at_any_byte_ends_an_http10_stream_with_an_error_event(start_edge):
+    """HTTP/1.0: the body is decoded and close-delimited, so the client gets every data byte
+    that came (the event the cut fell in, torn, ended by a blank line), then the error event,
+    then the close."""
+    upstream = RawUpstream(SSE_HEAD)
+    url = await upstream.start()
+    edge = await start_edge({"raw": [url]})
+    first = chunked([FIRST])[0]
+    for k in range(len(REST_WIRE)):
+        pieces = [first, REST_WIRE[:k]] if k else [first]
+        wire = await _raw_exchange(edge.url, _request(b"1.0"), pieces, upstream)
+        head, _, body = wire.partition(b"\r\n\r\n")
+        assert b"Transfer-Encoding" not in head and b"Content-Length" not in head, k
+        data, at = FIRST, 0  # every data byte in REST_WIRE[:k]
+        for piece in REST:
+            start = at + len(b"%x\r\n" % len(piece))
+            data += piece[: max(0, min(len(piece), k - start))]
+            at = start + len(piece) + 2
+        assert body == _ended(data), k
     await upstream.close()
