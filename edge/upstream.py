@@ -208,7 +208,8 @@ class UpstreamResponse:
         and a gap longer than `read_timeout` while reading fails the body.
 
         `raw_sink`, for a client whose body is chunked too: a chunked body (between chunks
-        now) then goes there as the bytes that arrived, framing and all, up to its last chunk
+        now) then goes there as the bytes that arrived, framing and all, in whole chunks (a
+        chunk a read ends inside waits for the rest: edge/chunked.py), up to its last chunk
         (`raw` tells which happened); what was buffered before goes to `sink`."""
         loop = self._loop
         self._ended = ended = loop.create_future()
@@ -469,6 +470,10 @@ class _Conn(asyncio.Protocol):
             return
         if len(out):
             response.feed(out)
+        else:
+            # Bytes came all the same (a chunk held until it is whole, a line not whole yet):
+            # the server is not idle, so the idle clock (`pipe`) starts again.
+            response._fed_at = _now()
         if chunks.done:
             response.feed_eof()
 
