@@ -31,13 +31,13 @@ from edge import config as config_mod
 from edge.accesslog import AccessLog
 from edge.auth import build_gate
 from edge.balance import Balancer
-from edge.config import Config
+from edge.config import Config, ServerSettings
 from edge.discovery import Discovery
 from edge.engines import Scraper
 from edge.fleet import FleetView, HostTable
 from edge.forward import Forwarder, make_pool, make_session
 from edge.health import Health, Prober
-from edge.http1 import Server
+from edge.http1 import Limits, Server
 from edge.metrics import Metrics
 from edge.metricshare import remove_shared
 from edge.server import EdgeHandler, Lifecycle
@@ -81,7 +81,7 @@ class Worker:
             self.view, self.forwarder, self.metrics, config.server, self.life, self.gate,
             access=self.access,
         )  # fmt: skip
-        self.web = Server(self.handler, config.server.max_body_bytes)
+        self.web = Server(self.handler, limits(config.server))
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -89,6 +89,8 @@ class Worker:
         await self.discovery.refresh()
         if self.gate is not None:
             await self.gate.start()  # keys loaded before the first request is accepted
+        if self.config.server.tcp_keepalive:
+            keepalive(sock)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self.web, sock=sock, backlog=2048)
         self._tasks.append(asyncio.create_task(self.discovery.run(), name="discovery"))
@@ -157,6 +159,33 @@ class Worker:
 
     def __repr__(self) -> str:
         return f"<Worker {self.view!r} draining={self.life.draining}>"
+
+
+def limits(s: ServerSettings) -> Limits:
+    """The front door's bounds, from [server] (edge/http1.py does not read the config)."""
+    return Limits(
+        max_body=s.max_body_bytes, max_head_bytes=s.max_head_bytes,
+        max_header_fields=s.max_header_fields, header_timeout_s=s.header_timeout_s,
+        body_grace_s=s.body_grace_s, body_min_rate=s.body_min_rate,
+        keepalive_timeout_s=s.keepalive_timeout_s, max_connections=s.max_connections,
+        linger_s=s.linger_s, max_discard_bytes=s.max_discard_bytes,
+    )  # fmt: skip
+
+
+# TCP keepalive on client sockets: the first probe after a minute of silence, then one every 10
+# s; six unanswered and the kernel ends the connection (Linux's own default waits two hours).
+_KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))
+
+
+def keepalive(sock: socket.socket) -> None:
+    """SO_KEEPALIVE (and its timing) on the listening socket: every accepted socket inherits
+    them (Linux, the BSDs), so no client connection costs a system call for it. A client that
+    vanished (a laptop closed, a NAT entry dropped) is found while its handler still runs."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in _KEEPALIVE:
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def bind(host: str, port: int, reuse_port: bool) -> socket.socket:

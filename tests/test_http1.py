@@ -14,11 +14,12 @@ import json
 import logging
 import time
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import pytest
 
 from edge.errors import PayloadTooLarge
-from edge.http1 import Connection, Handler, Reply, Request, Server
+from edge.http1 import Connection, Handler, Limits, Reply, Request, Server
 
 T = 3.0  # every read is bounded: a hung server fails the test instead of stalling the run
 
@@ -42,8 +43,8 @@ class Edge:
 async def start():
     edges: list[Edge] = []
 
-    async def start(handler, max_body: int = 100, keepalive_s: float = 75.0) -> Edge:
-        server = Server(handler, max_body, keepalive_s)
+    async def start(handler, max_body: int = 100, **limits: Any) -> Edge:
+        server = Server(handler, Limits(max_body=max_body, **limits))
         listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
         edges.append(Edge(server, listener))
         return edges[-1]
@@ -400,7 +401,7 @@ async def test_shutdown_cancels_a_handler_busy_past_the_deadline(start):
 
 
 async def test_keepalive_sweep_closes_an_idle_connection(start):
-    edge = await start(echo_path, keepalive_s=0.3)
+    edge = await start(echo_path, keepalive_timeout_s=0.3)
     reader, writer = await edge.connect()
     writer.write(get("/"))
     await read_response(reader)
@@ -430,7 +431,7 @@ class FakeSource:
 
 
 async def test_write_backpressure_reaches_the_source():
-    server = Server(echo_path, 100)
+    server = Server(echo_path, Limits(max_body=100))
     conn = Connection(server)
     conn.connection_made(FakeTransport())  # type: ignore[arg-type]
     conn.pause_writing()  # no source yet: only the flag
