@@ -34,6 +34,7 @@ import asyncio
 import collections
 import ipaddress
 import logging
+import re
 import socket
 import ssl
 import time
@@ -531,6 +532,9 @@ class _Conn(asyncio.Protocol):
             raise Malformed("bytes after the end of the response")
 
     def on_status(self, status: bytes) -> None:
+        # llhttp lets any byte but CR and LF into a reason phrase; the client would get it as is.
+        if _CONTROL.search(status) is not None:
+            raise Malformed("control character in the status line")
         self.reason = status.decode("latin-1")
 
     def on_headers_complete(self) -> None:
@@ -542,6 +546,8 @@ class _Conn(asyncio.Protocol):
         self.keep_alive = self.parser.should_keep_alive()
         raw = self.head
         block = _head_block(raw if isinstance(raw, bytes) else bytes(raw))
+        if len(block) > self.pool.max_head_bytes:  # it came whole, or nearly, in one read
+            raise Malformed(f"response head over {self.pool.max_head_bytes} bytes")
         self.head = b""
         self.chunky = False
         head = self.pool.heads.get(block)
@@ -828,6 +834,9 @@ class UpstreamPool:
         )
 
 
+_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _head_block(raw: bytes) -> bytes:
     """The header lines of the final response head at the start of `raw` (after any 1xx)."""
     while raw[9:10] == b"1" and raw.startswith(b"HTTP/"):  # interim: "HTTP/1.1 1xx ..."
@@ -835,6 +844,10 @@ def _head_block(raw: bytes) -> bytes:
         if end < 0:
             break
         raw = raw[end + 4 :]
+    if raw[:5] != b"HTTP/":
+        # llhttp skips empty lines before a status line; the head relayed from these bytes would
+        # then start with the status line as if it were a header field.
+        raise Malformed("response does not start with its status line")
     return heads.split(raw)
 
 
