@@ -209,10 +209,7 @@ class Request:
         EdgeError of a body that failed (malformed, too slow) when it does."""
         if self._complete and not self._too_large:
             return self.body
-        if self._error is not None:
-            raise self._error
-        if self._too_large:
-            self._refuse()
+        self._check()
         if self._expect:
             self._expect = False
             self.conn._continue(self)
@@ -222,11 +219,19 @@ class Request:
                 await self._waiter
             finally:
                 self._waiter = None
-            if self._too_large:
-                self._refuse()
-            if self._error is not None:
-                raise self._error
+            self._check()
         return self.body
+
+    def _check(self) -> None:
+        """Raise what failed the body (over the limit, malformed, too slow), if anything did.
+        A call, not an inline test, on purpose: mypy keeps an attribute's narrowing across an
+        await, so `self._error is not None` tested before `await` and again after it compiles
+        (mypyc) to a check that it is still None, which fails with a TypeError once it is not."""
+        if self._too_large:
+            self._refuse()
+        error = self._error
+        if error is not None:
+            raise error
 
     def _refuse(self) -> None:
         self.keep_alive = False  # the rest of the body is not read: this connection cannot go on
@@ -519,10 +524,16 @@ class Connection(asyncio.Protocol):
         fields = self.server.fields.get(tuple(self._raw))
         if fields.refused:  # llhttp refuses these too, but after this callback: too late
             raise _HeadRefused(400, fields.refused)
+        method, version = parser.get_method(), parser.get_http_version()
+        if method == b"CONNECT":  # a tunnel, which llhttp would hand over as an upgrade
+            raise _HeadRefused(400, "CONNECT is not supported: the edge is not a forward proxy.")
+        if fields.chunked and version == "1.0":
+            # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding is faulty framing (a
+            # 1.0 hop in front may read it by Content-Length or to the close): refused, closed.
+            raise _HeadRefused(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request.")
         request = Request(
-            self, parser.get_method().decode("ascii", "replace"),
-            self._url.decode("utf-8", "surrogateescape"), fields, self._length,
-            parser.get_http_version(), parser.should_keep_alive(), limits.max_body,
+            self, method.decode("ascii", "replace"), self._url.decode("utf-8", "surrogateescape"),
+            fields, self._length, version, parser.should_keep_alive(), limits.max_body,
         )  # fmt: skip
         self._length = None
         self.request = request
@@ -863,7 +874,11 @@ class Connection(asyncio.Protocol):
         if self._paused_reading:
             self._paused_reading = False
             transport.resume_reading()
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError:  # the client is gone already (reset, ENOTCONN): nothing to linger for
+            self.abort()
+            return
         self._timer = self.loop.call_later(self.server.limits.linger_s, self.abort)
 
     def _answer(self, status: int, message: str, kind: str = "invalid_request_error") -> None:

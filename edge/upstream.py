@@ -546,7 +546,7 @@ class _Conn(asyncio.Protocol):
         self.keep_alive = self.parser.should_keep_alive()
         raw = self.head
         block = _head_block(raw if isinstance(raw, bytes) else bytes(raw))
-        if len(block) > self.pool.max_head_bytes:  # it came whole, or nearly, in one read
+        if len(block) + len(self.reason) > self.pool.max_head_bytes:  # came whole in one read
             raise Malformed(f"response head over {self.pool.max_head_bytes} bytes")
         self.head = b""
         self.chunky = False

@@ -250,6 +250,10 @@ REFUSED_HEADS = {
     "te-chunked-gzip": b"POST /te HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\nabc",
     "upgrade": b"POST /up HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: x\r\n"
     b"Content-Length: 3\r\n\r\nabc",
+    # Found by the fuzzing: a tunnel, and chunked framing an HTTP/1.0 hop may not know.
+    "connect": b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\n\r\n",
+    "http10-chunked": b"POST /te HTTP/1.0\r\nConnection: keep-alive\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
 }
 
 
