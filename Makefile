@@ -118,6 +118,12 @@ else
 endif
 	@ls dist
 
+# The long fuzz run (minutes): the property tests of tests/test_fuzz_*.py with far more examples,
+# failures shrunk and written to build/fuzz/.
+FUZZ_MINUTES ?= 10
+fuzz: install
+	$(PY) -m loadtests.fuzz --minutes $(FUZZ_MINUTES)
+
 # Chaos under load (about 3 minutes): edge serve --workers 2 before a fleet of mocks, with hosts
 # killed, hung, slowed, failing, streams cut, the registry flapping, Redis restarted, SIGHUP and a
 # drain. Writes bench-results/chaos.json; exits 1 when a goal is missed. A short run is in make test.
