@@ -88,8 +88,8 @@ demo-real: real-deps
 # newer on every platform, with hashes; requirements-runtime.txt is the runtime's part of it (the
 # Docker image installs that). Commit both with the change that needed them.
 lock: $(STAMP)
-	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra build --extra dev --universal \
-		--python-version 3.11 --generate-hashes --quiet -o $(LOCK)
+	$(VENV)/bin/uv pip compile pyproject.toml --extra test --extra build --extra dev --extra fuzz \
+		--universal --python-version 3.11 --generate-hashes --quiet -o $(LOCK)
 	$(VENV)/bin/uv pip compile pyproject.toml -c $(LOCK) --universal --python-version 3.11 \
 		--generate-hashes --quiet -o requirements-runtime.txt  # the image's subset, same versions
 
@@ -118,11 +118,17 @@ else
 endif
 	@ls dist
 
-# The long fuzz run (minutes): the property tests of tests/test_fuzz_*.py with far more examples,
-# failures shrunk and written to build/fuzz/.
+# The long fuzz run: coverage-guided (atheris, libFuzzer) on the pure-Python modules where atheris
+# is installed (the lock's fuzz extra, x86-64), FUZZ_SECONDS per target; elsewhere the property
+# tests of tests/test_fuzz_*.py with far more examples. Failures and corpora go to build/fuzz/.
+FUZZ_SECONDS ?= 120
 FUZZ_MINUTES ?= 10
 fuzz: install
-	$(PY) -m loadtests.fuzz --minutes $(FUZZ_MINUTES)
+	@if $(PY) -c 'import atheris' 2>/dev/null; then \
+		$(PY) -m loadtests.fuzz_atheris --target all --seconds $(FUZZ_SECONDS); \
+	else \
+		$(PY) -m loadtests.fuzz --minutes $(FUZZ_MINUTES); \
+	fi
 
 # Chaos under load (about 3 minutes): edge serve --workers 2 before a fleet of mocks, with hosts
 # killed, hung, slowed, failing, streams cut, the registry flapping, Redis restarted, SIGHUP and a

@@ -71,7 +71,7 @@ _REASONS = {
     403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
     413: "Payload Too Large", 422: "Unprocessable Entity", 429: "Too Many Requests",
     431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
-    503: "Service Unavailable", 504: "Gateway Timeout",
+    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
 }  # fmt: skip
 _NO_BODY: Final = frozenset({204, 304})
 # What the client is sending (see the table above); ordered: DROP is the one not parsed.
@@ -525,6 +525,10 @@ class Connection(asyncio.Protocol):
         if fields.refused:  # llhttp refuses these too, but after this callback: too late
             raise _HeadRefused(400, fields.refused)
         method, version = parser.get_method(), parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            # HTTP/0.9 (a request line with no version) has no headers or keep-alive to speak
+            # of, and 2.0 is not spoken on this port: refused, not guessed at.
+            raise _HeadRefused(505, f"HTTP/{version} is not supported: use HTTP/1.1.")
         if method == b"CONNECT":  # a tunnel, which llhttp would hand over as an upgrade
             raise _HeadRefused(400, "CONNECT is not supported: the edge is not a forward proxy.")
         if fields.chunked and version == "1.0":

@@ -257,6 +257,29 @@ REFUSED_HEADS = {
 }
 
 
+@pytest.mark.parametrize(
+    "line",
+    [b"POST / HTTP/0.9", b"POST /", b"POST / HTTP/2.0"],
+    ids=["0.9", "no-version", "2.0"],
+)
+async def test_versions_other_than_1_0_and_1_1_are_refused_with_505(front, line):
+    """Found by coverage-guided fuzzing: a request line read as HTTP/0.9 reached the handler as
+    keep-alive. Only HTTP/1.0 and 1.1 are served; nothing else reaches a handler."""
+    seen: list[str] = []
+
+    async def handler(request: Request) -> None:
+        seen.append(request.path)
+        await echo_body(request)
+
+    f = await front(handler)
+    reader, writer = await f.connect()
+    writer.write(line + b"\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nab")
+    status, headers, _ = await read_response(reader)
+    assert status == "HTTP/1.1 505 HTTP Version Not Supported" and headers["connection"] == "close"
+    assert await rest(reader) == b""
+    assert seen == []
+
+
 @pytest.mark.parametrize("head", list(REFUSED_HEADS), ids=list(REFUSED_HEADS))
 async def test_heads_llhttp_refuses_late_never_reach_the_handler(front, head):
     """llhttp refuses these after the head's callback: the handler (which could forward the

@@ -485,7 +485,9 @@ def test_over_loopback_sockets(harness, data, points, todo):
     for i, got in enumerate(example.seen):
         check_seen(got, i, ref, 1 << 20)
     seen = example.seen
-    replies = edge_responses(outcome.out, lambda i: i < len(seen) and seen[i].method == "HEAD")
+    head = lambda i: i < len(seen) and seen[i].method == "HEAD"  # noqa: E731
+    # (not closed: the last answer may still be on its way, the client having stopped reading)
+    replies = edge_responses(outcome.out, head, cut_ok=not outcome.closed)
     check_replies(replies, seen, ref)
 
 
