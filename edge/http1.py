@@ -182,6 +182,8 @@ class Request:
         self._complete = False
         self._waiter: asyncio.Future[None] | None = None
         self._limit = limit
+        if length is not None:
+            length = length.strip(b" \t")  # RFC 9110 5.5: whitespace around a value is allowed
         self._length = int(length) if length is not None and length.isdigit() else None
         self._too_large = self._length is not None and self._length > limit
         self._expect = fields.expect
@@ -427,6 +429,7 @@ class Connection(asyncio.Protocol):
         # the response being written
         self._started = False
         self._chunked = False
+        self._sized = False  # the body `start` began is framed by Content-Length
         self._ended = False
         self._keep = True
 
@@ -586,7 +589,7 @@ class Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _start(self, request: Request) -> None:
-        self._started = self._chunked = self._ended = False
+        self._started = self._chunked = self._sized = self._ended = False
         self.task = self.loop.create_task(self._run(request))
 
     async def _run(self, request: Request) -> None:
@@ -664,6 +667,7 @@ class Connection(asyncio.Protocol):
         if status in _NO_BODY:
             self._ended = True
         elif length is not None:
+            self._sized = True
             head += b"Content-Length: %d\r\n" % length
         elif request.version == "1.1":
             self._chunked = True
@@ -723,6 +727,11 @@ class Connection(asyncio.Protocol):
     def chunked(self) -> bool:
         """The body `start` began is chunked: `write_raw` takes pieces framed already."""
         return self._chunked
+
+    @property
+    def sized(self) -> bool:
+        """The body `start` began has a Content-Length: nothing may follow its last byte."""
+        return self._sized
 
     async def drain(self) -> None:
         """Wait while the client's socket buffer is above its high-water mark."""

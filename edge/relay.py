@@ -100,7 +100,9 @@ def _broken(
     request: Request, upstream: UpstreamResponse, dialect: str, first: bytes, message: str
 ) -> None:
     conn = request.conn
-    if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+    if conn.sized or not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+        # An event after a Content-Length body would be read as part of it, or as the answer
+        # to the client's next request: the cut is the only honest end.
         conn.abort()
         return
     last = upstream.last or first

@@ -303,7 +303,7 @@ def check_replies(replies: list[Reply], seen: list[Seen], ref: Parsed) -> None:
     own = [r for r in replies if "x-seq" not in r.headers]
     assert len(own) <= 1 and (not own or own[0] is replies[-1]), "the edge's own answer, not last"
     if own:
-        assert own[0].closes and own[0].status in (400, 408, 413, 431, 503), own[0]
+        assert own[0].closes and own[0].status in (400, 408, 413, 431, 503, 505), own[0]
         sent = len(ref.messages) + (ref.end in ("error", "partial"))
         assert len(seen) < sent, f"a second answer ({own[0].status}) to a handled request"
     assert len(seqs) <= len(seen)
@@ -385,6 +385,13 @@ def test_valid_requests_are_served_as_sent(harness, data, points, todo, big):
     # checked self._error against the None it was narrowed to before its await (a TypeError)
     data=b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n",
     points=[1, 47],
+    todo=("read",),
+    end="wait",
+)
+@example(  # Content-Length with trailing whitespace (OWS, RFC 9110 5.5): llhttp frames the body
+    # by it, and Request.content_length must say so (it was None: b"3 ".isdigit() is False)
+    data=b"POST / HTTP/1.1\r\nContent-Length: 3 \r\n\r\nabc",
+    points=[],
     todo=("read",),
     end="wait",
 )
