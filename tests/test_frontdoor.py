@@ -22,25 +22,14 @@ import pytest
 from edge.app import limits
 from edge.config import ServerSettings
 from edge.http1 import Limits, Reply, Request, Server
-from tests.test_http1 import T, echo_body, echo_path, get, read_response, rest
+from tests.test_http1 import Edge, T, echo_body, echo_path, get, read_response, rest
 
 CHAT = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
 
-class Front:
+class Front(Edge):
     """An http1.Server on 127.0.0.1 with the given limits; `connect()` opens raw sockets."""
-
-    def __init__(self, server: Server, listener: asyncio.Server) -> None:
-        self.server = server
-        self.listener = listener
-        self.port = listener.sockets[0].getsockname()[1]
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self.writers.append(writer)
-        return reader, writer
 
     async def emptied(self) -> None:
         """Every connection closed on the server's side (its count released)."""
@@ -62,13 +51,7 @@ async def front() -> AsyncIterator[Callable[..., Awaitable[Front]]]:
 
     yield start
     for f in fronts:
-        f.listener.close()
-        await f.server.shutdown(1.0)
-        await f.listener.wait_closed()
-        for writer in f.writers:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+        await f.stop()
 
 
 class Upstream:

@@ -38,6 +38,15 @@ class Edge:
         self.writers.append(writer)
         return reader, writer
 
+    async def stop(self) -> None:
+        self.listener.close()
+        await self.server.shutdown(1.0)  # also cancels the sweep timer
+        await self.listener.wait_closed()
+        for writer in self.writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
 
 @pytest.fixture
 async def start():
@@ -51,13 +60,7 @@ async def start():
 
     yield start
     for edge in edges:
-        edge.listener.close()
-        await edge.server.shutdown(1.0)  # also cancels the sweep timer
-        await edge.listener.wait_closed()
-        for writer in edge.writers:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+        await edge.stop()
 
 
 async def read_head(reader: asyncio.StreamReader) -> tuple[str, dict[str, str]]:
