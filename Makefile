@@ -36,13 +36,13 @@ $(STAMP): pyproject.toml $(LOCK) | $(PY)
 
 # About two minutes on two cores. `edge/__init__.py` refuses a compiled module older than its
 # source, so an edit without `make compile` fails loudly rather than running old code.
-$(NATIVE): $(STAMP) setup.py $(filter-out edge/__init__.py edge/__main__.py,$(wildcard edge/*.py))
+$(NATIVE): $(STAMP) setup.py $(filter-out edge/__init__.py edge/__main__.py,$(shell find edge -name '*.py'))
 ifeq ($(CC_FOUND),)
 	@echo "make: no C compiler (or Python headers) found: edge runs as pure Python, about a third slower"
 else
-	@mkdir -p build && rm -f edge/*.so  # a module dropped from setup.py must not stay compiled
+	@mkdir -p build && find edge -name '*.so' -delete  # a module dropped from setup.py must not stay compiled
 	$(PY) setup.py -q build_ext --inplace >build/compile.log 2>&1 || { cat build/compile.log; exit 1; }
-	touch edge/*.so
+	find edge -name '*.so' -exec touch {} +
 endif
 
 compile: $(NATIVE)
@@ -137,4 +137,4 @@ chaos: install sysdeps
 	$(PY) -m loadtests.chaos
 
 clean:
-	rm -rf $(VENV) $(LATEST) .mypy_cache .ruff_cache build dist *.egg-info edge/*.so
+	rm -rf $(VENV) $(LATEST) .mypy_cache .ruff_cache build dist *.egg-info $(shell find edge -name '*.so')

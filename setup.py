@@ -3,7 +3,8 @@
 The source stays plain, mypy --strict typed Python; mypyc turns it into a C extension per module
 that runs the same code with native attribute access and direct calls, which takes about a third
 off the interpreter's work per request (loadtests/hotpath.py under callgrind). The modules that
-only set things up (app, cli, config, discovery, engines, redisconn, mock) stay interpreted: they
+only set things up (app, cli, config, routing/discovery, routing/engines, access/redisconn,
+dev/mock) stay interpreted: they
 gain nothing per request and keep their dynamic tests simple.
 
 EDGE_PURE=1 builds the pure-Python package (no compiler needed), and so does a machine without a C
@@ -22,25 +23,25 @@ from setuptools import setup
 
 # Everything a proxied request runs through, in data-path order.
 HOT = (
-    "http1",
-    "heads",
-    "server",
-    "route",
-    "auth",
-    "keys",
-    "ratelimit",
-    "balance",
-    "affinity",
-    "fleet",
-    "health",
-    "stats",
-    "forward",
-    "upstream",
-    "chunked",
-    "relay",
-    "usage",
-    "metrics",
-    "accesslog",
+    "http/server",
+    "http/heads",
+    "proxy/handler",
+    "proxy/route",
+    "access/auth",
+    "access/keys",
+    "access/ratelimit",
+    "routing/balance",
+    "routing/affinity",
+    "routing/fleet",
+    "routing/health",
+    "routing/stats",
+    "proxy/forward",
+    "http/client",
+    "http/chunked",
+    "proxy/relay",
+    "proxy/usage",
+    "observe/metrics",
+    "observe/accesslog",
 )
 
 

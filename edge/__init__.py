@@ -10,12 +10,12 @@ def _refuse_stale_native_build() -> None:
     here = _Path(__file__).parent
     if not (here.parent / "setup.py").exists():
         return
-    for native in here.glob("*.so"):
+    for native in here.rglob("*.so"):
         source = native.with_name(native.name.split(".", 1)[0] + ".py")
         if source.exists() and source.stat().st_mtime > native.stat().st_mtime:
             raise ImportError(
                 f"{source} changed after it was compiled: run `make compile` "
-                "(or delete edge/*.so to run the pure-Python modules)"
+                "(or delete the edge/**/*.so files to run the pure-Python modules)"
             )
 
 

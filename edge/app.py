@@ -28,20 +28,20 @@ from multiprocessing.process import BaseProcess
 import uvloop
 
 from edge import config as config_mod
-from edge.accesslog import AccessLog
-from edge.auth import build_gate
-from edge.balance import Balancer
+from edge.access.auth import build_gate
 from edge.config import Config, ServerSettings
-from edge.discovery import Discovery
-from edge.engines import Scraper
-from edge.fleet import FleetView, HostTable
-from edge.forward import Forwarder, make_pool, make_session
-from edge.health import Health, Prober
-from edge.http1 import Limits, Server
-from edge.metrics import Metrics
-from edge.metricshare import remove_shared
-from edge.server import EdgeHandler, Lifecycle
-from edge.stats import SharedLoad, table_path
+from edge.http.server import Limits, Server
+from edge.observe.accesslog import AccessLog
+from edge.observe.metrics import Metrics
+from edge.observe.metricshare import remove_shared
+from edge.proxy.forward import Forwarder, make_pool, make_session
+from edge.proxy.handler import EdgeHandler, Lifecycle
+from edge.routing.balance import Balancer
+from edge.routing.discovery import Discovery
+from edge.routing.engines import Scraper
+from edge.routing.fleet import FleetView, HostTable
+from edge.routing.health import Health, Prober
+from edge.routing.stats import SharedLoad, table_path
 
 log = logging.getLogger("edge.app")
 
@@ -162,7 +162,7 @@ class Worker:
 
 
 def limits(s: ServerSettings) -> Limits:
-    """The front door's bounds, from [server] (edge/http1.py does not read the config)."""
+    """The front door's bounds, from [server] (edge/http/server.py does not read the config)."""
     return Limits(
         max_body=s.max_body_bytes, max_head_bytes=s.max_head_bytes,
         max_header_fields=s.max_header_fields, header_timeout_s=s.header_timeout_s,

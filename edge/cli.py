@@ -17,8 +17,10 @@ from pathlib import Path
 
 import uvloop
 
-from edge import app, keys, mock
+from edge import app
+from edge.access import keys
 from edge.config import Config, ConfigError, load
+from edge.dev import mock
 
 
 def main(argv: Sequence[str] | None = None) -> int:

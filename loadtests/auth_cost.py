@@ -34,16 +34,16 @@ from typing import Any, cast
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge.auth import Gate, Keyring  # noqa: E402
+from edge.access.auth import Gate, Keyring  # noqa: E402
+from edge.access.keys import FileBackend, FileKeys, Limits, RedisBackend, create_key  # noqa: E402
+from edge.access.ratelimit import LocalLimiter, RedisLimiter  # noqa: E402
+from edge.access.redisconn import RedisLink  # noqa: E402
 from edge.config import AuthSettings  # noqa: E402
-from edge.fleet import HostTable  # noqa: E402
-from edge.http1 import Connection, Fields, Request  # noqa: E402
-from edge.keys import FileBackend, FileKeys, Limits, RedisBackend, create_key  # noqa: E402
-from edge.metrics import Usage  # noqa: E402
-from edge.ratelimit import LocalLimiter, RedisLimiter  # noqa: E402
-from edge.redisconn import RedisLink  # noqa: E402
-from edge.route import OPENAI, ProxyRequest  # noqa: E402
-from edge.usage import UsageMeter  # noqa: E402
+from edge.http.server import Connection, Fields, Request  # noqa: E402
+from edge.observe.metrics import Usage  # noqa: E402
+from edge.proxy.route import OPENAI, ProxyRequest  # noqa: E402
+from edge.proxy.usage import UsageMeter  # noqa: E402
+from edge.routing.fleet import HostTable  # noqa: E402
 from loadtests.bench.closedloop import closed_loop  # noqa: E402
 from loadtests.bench.procfs import cpu_ns, split_cores, start_edge  # noqa: E402
 from tests.procs import free_port  # noqa: E402
@@ -73,7 +73,7 @@ async def door_cost(work: Path, redis_url: str, n: int, concurrency: int) -> dic
     watcher = FileKeys(path)
     await watcher.refresh()
     keyring = Keyring(watcher)
-    # A request as edge/http1.py parses it; the gate reads only its headers.
+    # A request as edge/http/server.py parses it; the gate reads only its headers.
     raw = [(b"Authorization", f"Bearer {key}".encode())]
     conn, fields = cast(Connection, None), Fields(tuple(raw))
     request = Request(conn, "POST", "/v1/chat/completions", fields, None, "1.1", True, 1)

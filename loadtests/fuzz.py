@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ("tests/test_fuzz_http1.py", "tests/test_fuzz_upstream.py")
+FILES = ("tests/http/test_fuzz_server.py", "tests/http/test_fuzz_client.py")
 OUT = ROOT / "build" / "fuzz"
 FIRST_ROUND = 100  # examples: enough to time a target
 MAX_ROUND = 20_000  # examples: a round's shrink, if it fails, stays minutes, not hours

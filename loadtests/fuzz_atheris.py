@@ -3,10 +3,11 @@
     python -m loadtests.fuzz_atheris --target {http1,chunked,upstream,all} [--seconds 60]
         [libFuzzer flags, e.g. -jobs=2 -dict=FILE -only_ascii=1]
 
-The invariants are the property tests' (tests/test_fuzz_http1.py, tests/test_fuzz_upstream.py),
-imported, not copied; only where the input comes from differs (libFuzzer's mutations, steered by
-the branches of edge/*.py each input reached, instead of hypothesis's strategies):
-- http1: bytes delivered in pieces to edge.http1's `Server` over the tests' FakeTransport, the
+The invariants are the property tests' (tests/http/test_fuzz_server.py and
+tests/http/test_fuzz_client.py), imported, not copied; only where the input comes from differs
+(libFuzzer's mutations, steered by the branches of edge/**/*.py each input reached, instead of
+hypothesis's strategies):
+- http1: bytes delivered in pieces to edge.http.server's `Server` over the tests' FakeTransport, the
   handler reading, ignoring or streaming (`run_example`): the handler sees only what the
   reference parser accepts, the output is well-formed HTTP/1.1, a complete or broken stream is
   answered or closed within a second, no exception reaches the loop, no error is logged, and
@@ -15,7 +16,7 @@ the branches of edge/*.py each input reached, instead of hypothesis's strategies
   boundary (the body of `test_chunks_hand_on_only_checked_framing`): decoded data equal to the
   reference decoder's, raw mode never hands on a byte it did not check.
 - upstream: a host's answer, in pieces and ended by a close, a reset or silence, to
-  edge.upstream's `UpstreamPool` over the tests' fake host (`run` of test_fuzz_upstream): a
+  edge.http.client's `UpstreamPool` over the tests' fake host (tests/http/test_fuzz_client.py): a
   well-formed response or an UpstreamError, never a hang or another exception, the connection
   reused only after a whole answer, the pool empty once closed.
 A violation raises (AssertionError mostly): libFuzzer writes the input to
@@ -29,7 +30,7 @@ raw, -1 never), upstream `H K data` (H bits 0-1: read, pipe, raw, raw; bits 2-3:
 hold, reset). The first run of a target seeds its corpus (build/fuzz/atheris/<target>/corpus/)
 with what the tests' hypothesis strategies draw; later runs go on from the corpus.
 
-Not the compiled modules: atheris instruments Python bytecode, and edge/*.so (`make compile`)
+Not the compiled modules: atheris instruments Python bytecode, and edge's .so files (`make compile`)
 would win the import and show no coverage. The edge package's .py files are copied to a
 temporary directory put first on sys.path, and imported from there under
 `atheris.instrument_imports(include=["edge"])`; the checkout is left as it is (and tests.*,
@@ -37,7 +38,7 @@ imported afterwards, get the same instrumented copy).
 
 Each target runs in a child process (libFuzzer ends its process when done): the parent passes
 `--seconds` as -max_total_time, reads libFuzzer's report and prints one line per target:
-executions, executions per second, coverage (cov: instrumented branches of edge/*.py reached;
+executions, executions per second, coverage (cov: instrumented branches of edge/**/*.py reached;
 ft: libFuzzer's features) and crashes, each crashing input's bytes after it.
 """
 
@@ -59,7 +60,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "build" / "fuzz" / "atheris"
 TARGETS = ("http1", "chunked", "upstream")
-SOURCE_ENV = "EDGE_ATHERIS_SOURCE"  # the copy of edge/*.py the child imports
+SOURCE_ENV = "EDGE_ATHERIS_SOURCE"  # the copy of edge/**/*.py the child imports
 SEEDS = 40  # drawn per strategy into an empty corpus
 MAX_PIECES = 4096  # as the tests' cuts(): a byte at a time up to 4 KB
 # libFuzzer's defaults where they do not fit: a hang is a crash after 60 s (harness.run gives up
@@ -79,7 +80,7 @@ def pieces(size: int, k: int) -> list[int]:
 
 def http1_target() -> tuple[Target, list[bytes]]:
     from tests.fuzzing import Harness, parse_requests, soup
-    from tests.test_fuzz_http1 import AFTER_CLOSE, PLANS, broken, requests, run_example
+    from tests.http.test_fuzz_server import AFTER_CLOSE, PLANS, broken, requests, run_example
 
     harness = Harness()
     ends = ("wait", "wait", "close", "reset")
@@ -104,7 +105,7 @@ def http1_target() -> tuple[Target, list[bytes]]:
 
 
 def chunked_target() -> tuple[Target, list[bytes]]:
-    from tests import test_fuzz_upstream as tests
+    from tests.http import test_fuzz_client as tests
 
     # the test's own body, without hypothesis around it (`inner_test`: hypothesis's documented
     # handle on the undecorated function)
@@ -124,7 +125,7 @@ def chunked_target() -> tuple[Target, list[bytes]]:
 
 def upstream_target() -> tuple[Target, list[bytes]]:
     from tests.fuzzing import Harness, Script, Wire
-    from tests.test_fuzz_upstream import LEADING_CRLF, NUL_REASON, FakeNetLoop, run, script
+    from tests.http.test_fuzz_client import LEADING_CRLF, NUL_REASON, FakeNetLoop, run, script
 
     harness = Harness(FakeNetLoop())
     hows, ends = ("read", "pipe", "raw", "raw"), ("close", "close", "hold", "reset")
@@ -175,11 +176,11 @@ def child(target: str, libfuzzer_args: list[str]) -> None:
     source = os.environ[SOURCE_ENV]
     sys.path.insert(0, source)
     with atheris.instrument_imports(include=["edge"]):
-        import edge.chunked
-        import edge.http1
-        import edge.upstream  # noqa: F401  (what the targets reach, instrumented)
-    assert edge.http1.__file__ is not None and edge.http1.__file__.startswith(source), (
-        f"edge imported from {edge.http1.__file__}, not the copy"
+        import edge.http.chunked
+        import edge.http.client  # noqa: F401  (what the targets reach, instrumented)
+        import edge.http.server
+    assert edge.http.server.__file__ is not None and edge.http.server.__file__.startswith(source), (
+        f"edge imported from {edge.http.server.__file__}, not the copy"
     )
     one, seeds = BUILDERS[target]()
     corpus = OUT / target / "corpus"

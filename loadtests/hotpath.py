@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge.app import Worker, bind  # noqa: E402
 from edge.config import from_mapping  # noqa: E402
-from edge.http1 import Connection  # noqa: E402
-from edge.upstream import _Conn, _Origin  # noqa: E402
+from edge.http.client import _Conn, _Origin  # noqa: E402
+from edge.http.server import Connection  # noqa: E402
 
 UPSTREAM = "http://127.0.0.1:9"
 REQUEST = (

@@ -32,8 +32,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge.fleet import FleetView, HostTable  # noqa: E402
-from edge.metrics import LATENCY_BUCKETS, Metrics, Observation, Usage  # noqa: E402
+from edge.observe.metrics import LATENCY_BUCKETS, Metrics, Observation, Usage  # noqa: E402
+from edge.routing.fleet import FleetView, HostTable  # noqa: E402
 from loadtests.bench.closedloop import closed_loop  # noqa: E402
 from loadtests.bench.procfs import cpu_ns, split_cores, start_edge  # noqa: E402
 from tests.procs import free_port  # noqa: E402

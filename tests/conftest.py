@@ -20,7 +20,7 @@ import pytest
 
 from edge.app import Worker, bind
 from edge.config import from_mapping
-from edge.mock import MockOptions, build_app
+from edge.dev.mock import MockOptions, build_app
 from tests.procs import Procs
 
 

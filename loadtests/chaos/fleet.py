@@ -83,7 +83,7 @@ class Process:
 
 
 class Mock(Process):
-    """One model host; `fault()` sets its test control (edge/mock.py, POST /_mock/fault)."""
+    """One model host; `fault()` sets its test control (edge/dev/mock.py, POST /_mock/fault)."""
 
     def __init__(self, name: str, models: tuple[str, ...], extra: tuple[str, ...], logs: Path):
         self.port = free_port()

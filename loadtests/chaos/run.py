@@ -210,7 +210,7 @@ class Chaos:
 
 
 def _create_key(url: str) -> str:
-    from edge.keys import Limits, RedisBackend, create_key
+    from edge.access.keys import Limits, RedisBackend, create_key
 
     backend = RedisBackend(url)
     try:

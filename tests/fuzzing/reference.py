@@ -214,7 +214,7 @@ class ChunkRules:
 
 
 REQUEST_CHUNKS = ChunkRules()  # the front door (llhttp, strict)
-RELAY_CHUNKS = ChunkRules(16, "visible", "colon", 4096, 16384)  # edge/chunked.py, documented
+RELAY_CHUNKS = ChunkRules(16, "visible", "colon", 4096, 16384)  # edge/http/chunked.py, documented
 LAX_CHUNKS = ChunkRules(ext="visible", trailers="colon")  # a body's end, and nothing more
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from edge.balance import _NEUTRAL_TTFB_S, ROUTE_HEADER, _cost, _median
-from edge.fleet import Host
+from edge.routing.balance import _NEUTRAL_TTFB_S, ROUTE_HEADER, _cost, _median
+from edge.routing.fleet import Host
 from loadtests import llama
 from tests.procs import free_port
 

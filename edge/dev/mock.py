@@ -1,0 +1,608 @@
+"""A fake model server speaking the OpenAI, Anthropic and Gemini wire formats.
+
+It is the upstream for the proxy's tests and throughput benchmarks, so answers are
+deterministic, cheap to produce, and scriptable per request through X-Mock-* headers.
+
+A test control of the mock only (never of the edge, which forwards only API paths): `POST
+/_mock/fault` with a JSON `Fault` (`{}` clears it) makes every request that follows slower,
+failing with a status, or its stream cut off after some events, until the next one; `GET
+/_mock/fault` says which is in force. Chaos runs (loadtests/chaos) switch faults with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import hashlib
+import math
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from multidict import istr
+
+from edge.dev.mockwire import (
+    Events,
+    Fault,
+    Turn,
+    anthropic_events,
+    cut_connection,
+    encode_vector,
+    gemini_chunks,
+    gemini_merge,
+    json_array,
+    openai_usage,
+    relevance,
+    sse,
+    token_texts,
+    vector,
+)
+
+__all__ = ["Fault", "MockOptions", "add_arguments", "build_app", "options_from_args", "serve"]
+
+SERVER_HEADER = istr("X-Mock-Server")
+TTFT_HEADER = istr("X-Mock-TTFT-Ms")
+CHUNK_HEADER = istr("X-Mock-Chunk-Ms")
+TOKENS_HEADER = istr("X-Mock-Tokens")
+STATUS_HEADER = istr("X-Mock-Status")
+_OVERRIDES = (TTFT_HEADER, CHUNK_HEADER, TOKENS_HEADER)
+
+_SSE_DONE = b"data: [DONE]\n\n"
+
+# (chat?, streamed?) -> OpenAI "object" field; legacy completions use one name for both
+_OPENAI_OBJECTS = {
+    (True, False): "chat.completion",
+    (True, True): "chat.completion.chunk",
+    (False, False): "text_completion",
+    (False, True): "text_completion",
+}
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+# status -> (Anthropic error type, Google status name)
+_DIALECT_NAMES = {
+    400: ("invalid_request_error", "INVALID_ARGUMENT"),
+    401: ("authentication_error", "UNAUTHENTICATED"),
+    403: ("permission_error", "PERMISSION_DENIED"),
+    404: ("not_found_error", "NOT_FOUND"),
+    429: ("rate_limit_error", "RESOURCE_EXHAUSTED"),
+    500: ("api_error", "INTERNAL"),
+    503: ("overloaded_error", "UNAVAILABLE"),
+    529: ("overloaded_error", "UNAVAILABLE"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MockOptions:
+    port: int = 9001
+    host: str = "127.0.0.1"
+    models: tuple[str, ...] = ("mock-model",)
+    name: str = "mock"
+    ttft_ms: float = 0.0
+    chunk_ms: float = 0.0
+    tokens: int = 16
+    fail_rate: float = 0.0
+    # An idle keep-alive connection is closed after this (aiohttp's default; uvicorn, under
+    # vLLM, closes after 5 s): clients' pools must expect it.
+    keepalive_s: float = 75.0
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("a mock must serve at least one model")
+        if self.ttft_ms < 0 or self.chunk_ms < 0 or self.tokens < 0 or self.keepalive_s < 0:
+            raise ValueError("delays, token counts and keepalive_s must be >= 0")
+        if not 0.0 <= self.fail_rate <= 1.0:
+            raise ValueError("fail_rate must be within [0, 1]")
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How one request behaves once header overrides (and a fault) are applied."""
+
+    ttft_ms: float
+    chunk_ms: float
+    tokens: int
+    cut_after: int = -1  # events streamed before the connection is dropped; -1: all of them
+    partial: bool = False  # half of the next event's chunk goes out first
+
+
+@dataclass(eq=False)
+class _Reject(Exception):
+    """A request answered with an error; the route picks the dialect unless shape is set."""
+
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+    shape: Renderer | None = None
+
+
+Renderer = Callable[[_Reject], dict[str, Any]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Routed = Callable[[web.Request, _Plan], Awaitable[web.StreamResponse]]
+
+
+def _openai_error(err: _Reject) -> dict[str, Any]:
+    fallback = "server_error" if err.status >= 500 else "invalid_request_error"
+    kind = _OPENAI_TYPES.get(err.status, fallback)
+    return {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}
+
+
+def _dialect_names(status: int) -> tuple[str, str]:
+    return _DIALECT_NAMES.get(status) or _DIALECT_NAMES[500 if status >= 500 else 400]
+
+
+def _anthropic_error(err: _Reject) -> dict[str, Any]:
+    kind = _dialect_names(err.status)[0]
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+def _google_error(err: _Reject) -> dict[str, Any]:
+    status = _dialect_names(err.status)[1]
+    return {"error": {"code": err.status, "message": err.message, "status": status}}
+
+
+def _json(obj: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(obj), content_type="application/json")
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + os.urandom(12).hex()
+
+
+def _words(value: object) -> int:
+    """Deterministic token estimate: words of strings, one per token id, text of parts."""
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return 1
+    if isinstance(value, list):
+        return sum(_words(item) for item in value)
+    if isinstance(value, dict):
+        return _words(value.get("text"))
+    return 0
+
+
+def _prompt(messages: object, key: str) -> int:
+    """Words over all messages plus one per message, mimicking per-message template cost."""
+    if not isinstance(messages, list):
+        return 0
+    return sum(_words(m.get(key)) + 1 for m in messages if isinstance(m, dict))
+
+
+def _limit(body: dict[str, Any], *keys: str) -> int | None:
+    for key in keys:
+        value = body.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _Reject(400, f"{key} must be a non-negative integer", param=key)
+        return value
+    return None
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _header(headers: Mapping[str, str], name: str, default: float, integral: bool = False) -> float:
+    raw = headers.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw) if integral else float(raw)
+    except ValueError:
+        raise _Reject(400, f"{name} must be a number, got {raw!r}") from None
+    if value < 0 or not math.isfinite(value):
+        raise _Reject(400, f"{name} must be a finite number >= 0, got {raw!r}")
+    return value
+
+
+async def _pause(ms: float) -> None:
+    if ms > 0:
+        await asyncio.sleep(ms / 1000)
+
+
+async def _read_json(request: web.Request) -> tuple[bytes, dict[str, Any]]:
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise _Reject(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise _Reject(400, "request body must be a JSON object")
+    return raw, body
+
+
+async def _stream(
+    request: web.Request, plan: _Plan, events: Events, content_type: str = "text/event-stream"
+) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    try:
+        await _pause(plan.ttft_ms)
+        for event in events.head:
+            await resp.write(event)
+        for sent, event in enumerate(events.body):
+            if sent == plan.cut_after and request.transport is not None:
+                chunked = resp.headers.get("Transfer-Encoding") == "chunked"
+                cut_connection(request.transport, event if plan.partial and chunked else b"")
+                return resp
+            await _pause(plan.chunk_ms)
+            await resp.write(event)
+        for event in events.tail:
+            await resp.write(event)
+    except ConnectionResetError:
+        pass  # the client hung up mid-stream; there is nobody left to answer
+    return resp
+
+
+def _is_tokens(value: object) -> bool:
+    return isinstance(value, list) and all(type(v) is int for v in value)
+
+
+def _embedding_inputs(value: Any) -> list[str | list[int]]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if _is_tokens(value):
+            return [value]
+        if all(isinstance(v, str) for v in value) or all(_is_tokens(v) for v in value):
+            return list(value)
+    raise _Reject(400, "input must be a string, strings, or token id lists", param="input")
+
+
+def _rerank_text(doc: object) -> str:
+    if isinstance(doc, str):
+        return doc
+    if isinstance(doc, dict) and isinstance(doc.get("text"), str):
+        return str(doc["text"])
+    raise _Reject(400, "documents must be strings or objects with text", param="documents")
+
+
+class _Mock:
+    """Handlers bound to one server's options; holds only read-only precomputed pieces."""
+
+    def __init__(self, opts: MockOptions) -> None:
+        self.opts = opts
+        self.models = frozenset(opts.models)
+        self.default_plan = _Plan(opts.ttft_ms, opts.chunk_ms, opts.tokens)
+        self.rng = random.Random()
+        self.fault: Fault | None = None
+        created = int(time.time())
+        listing = [
+            {"id": m, "object": "model", "created": created, "owned_by": opts.name}
+            for m in opts.models
+        ]
+        self.models_body = orjson.dumps({"object": "list", "data": listing})
+
+    async def tag(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[SERVER_HEADER] = self.opts.name
+
+    def guarded(self, handler: Routed, shape: Renderer) -> Handler:
+        async def run(request: web.Request) -> web.StreamResponse:
+            try:
+                return await handler(request, self.plan(request))
+            except _Reject as err:
+                return _json((err.shape or shape)(err), err.status)
+
+        return run
+
+    def plan(self, request: web.Request) -> _Plan:
+        headers, base = request.headers, self.default_plan
+        if STATUS_HEADER in headers:
+            raise self.scripted_failure(headers)
+        if self.opts.fail_rate and self.rng.random() < self.opts.fail_rate:
+            raise _Reject(503, f"mock {self.opts.name} failed on purpose", code="mock_failure")
+        if any(name in headers for name in _OVERRIDES):
+            base = _Plan(
+                _header(headers, TTFT_HEADER, base.ttft_ms),
+                _header(headers, CHUNK_HEADER, base.chunk_ms),
+                int(_header(headers, TOKENS_HEADER, base.tokens, integral=True)),
+            )
+        return base if self.fault is None else self.faulty(base, self.fault)
+
+    def faulty(self, plan: _Plan, fault: Fault) -> _Plan:
+        if fault.status and self.rng.random() < fault.rate:
+            message = f"mock {self.opts.name} fails on purpose (fault {fault.status})"
+            raise _Reject(fault.status, message, code="mock_fault")
+        ttft, chunk = plan.ttft_ms + fault.ttft_ms, plan.chunk_ms + fault.chunk_ms
+        return _Plan(ttft, chunk, plan.tokens, fault.cut_after, fault.partial)
+
+    # --- test control -------------------------------------------------------------
+
+    async def set_fault(self, request: web.Request) -> web.StreamResponse:
+        try:
+            _, body = await _read_json(request)
+            self.fault = Fault(**body) if body else None
+        except _Reject as err:
+            return _json(_openai_error(err), err.status)
+        except (TypeError, ValueError) as exc:  # an unknown field, a bad value
+            return _json(_openai_error(_Reject(400, f"bad fault: {exc}")), 400)
+        return await self.get_fault(request)
+
+    async def get_fault(self, request: web.Request) -> web.StreamResponse:
+        fault = self.fault or Fault()
+        return _json({"active": self.fault is not None, **dataclasses.asdict(fault)})
+
+    def scripted_failure(self, headers: Mapping[str, str]) -> _Reject:
+        status = int(_header(headers, STATUS_HEADER, 0, integral=True))
+        if not 400 <= status <= 599:
+            return _Reject(400, f"{STATUS_HEADER} must be within 400..599, got {status}")
+        message = f"scripted failure from mock {self.opts.name}"
+        return _Reject(status, message, code="mock_status", shape=_openai_error)
+
+    async def model_body(self, request: web.Request) -> tuple[bytes, dict[str, Any], str]:
+        raw, body = await _read_json(request)
+        model = body.get("model")
+        if not isinstance(model, str) or model not in self.models:
+            message = f"The model `{model}` does not exist on mock {self.opts.name}"
+            raise _Reject(404, message, param="model", code="model_not_found")
+        return raw, body, model
+
+    def turn(self, model: str, prompt: int, plan: _Plan, limit: int | None) -> Turn:
+        if limit is None or limit >= plan.tokens:
+            return Turn(model, prompt, plan.tokens, truncated=False)
+        return Turn(model, prompt, limit, truncated=True)
+
+    def common(self, model: str, chat: bool, stream: bool) -> dict[str, Any]:
+        """Fields every OpenAI answer and chunk shares."""
+        return {
+            "id": _new_id("chatcmpl-" if chat else "cmpl-"),
+            "object": _OPENAI_OBJECTS[chat, stream],
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": self.opts.name,
+        }
+
+    # --- OpenAI -----------------------------------------------------------------
+
+    async def chat(self, request: web.Request, plan: _Plan) -> web.StreamResponse:
+        return await self.openai(request, plan, chat=True)
+
+    async def completions(self, request: web.Request, plan: _Plan) -> web.StreamResponse:
+        return await self.openai(request, plan, chat=False)
+
+    async def openai(self, request: web.Request, plan: _Plan, chat: bool) -> web.StreamResponse:
+        _, body, model = await self.model_body(request)
+        # Only one of messages / prompt is present, so summing serves both endpoints.
+        prompt = _prompt(body.get("messages"), "content") + _words(body.get("prompt"))
+        limit = _limit(body, "max_completion_tokens", "max_tokens")
+        turn = self.turn(model, prompt, plan, limit)
+        if body.get("stream") is True:
+            return await _stream(
+                request, plan, self.openai_events(turn, chat, _include_usage(body))
+            )
+        answer = self.common(turn.model, chat, stream=False)
+        text: dict[str, Any] = {"text": turn.text}
+        if chat:
+            text = {"message": {"role": "assistant", "content": turn.text}}
+        answer["choices"] = [{"index": 0, **text, "logprobs": None, "finish_reason": turn.finish}]
+        answer["usage"] = openai_usage(turn)
+        await _pause(plan.ttft_ms)
+        return _json(answer)
+
+    def openai_events(self, turn: Turn, chat: bool, include_usage: bool) -> Events:
+        base = self.common(turn.model, chat, stream=True)
+
+        def chunk(piece: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": 0, **piece, "logprobs": None, "finish_reason": finish}
+            return sse({**base, "choices": [choice]})
+
+        def token(text: str) -> dict[str, Any]:
+            return {"delta": {"content": text}} if chat else {"text": text}
+
+        head = [chunk({"delta": {"role": "assistant", "content": ""}})] if chat else []
+        tail = [chunk({"delta": {}} if chat else {"text": ""}, turn.finish)]
+        if include_usage:
+            tail.append(sse({**base, "choices": [], "usage": openai_usage(turn)}))
+        tail.append(_SSE_DONE)
+        return Events(head, (chunk(token(t)) for t in token_texts(turn.completion)), tail)
+
+    async def embeddings(self, request: web.Request, plan: _Plan) -> web.StreamResponse:
+        _, body, model = await self.model_body(request)
+        inputs = _embedding_inputs(body.get("input"))
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise _Reject(400, "encoding_format must be float or base64", param="encoding_format")
+        data = [
+            {"object": "embedding", "index": i, "embedding": encode_vector(vector(item), encoding)}
+            for i, item in enumerate(inputs)
+        ]
+        used = sum(_words(item) for item in inputs)
+        usage = {"prompt_tokens": used, "total_tokens": used}
+        await _pause(plan.ttft_ms)
+        return _json({"object": "list", "data": data, "model": model, "usage": usage})
+
+    async def rerank(self, request: web.Request, plan: _Plan) -> web.StreamResponse:
+        _, body, model = await self.model_body(request)
+        query, docs = body.get("query"), body.get("documents")
+        if not isinstance(query, str) or not isinstance(docs, list):
+            raise _Reject(400, "rerank needs a query string and a documents list")
+        texts = [_rerank_text(doc) for doc in docs]
+        top_n = _limit(body, "top_n")
+        scored = [{"index": i, "relevance_score": relevance(query, t)} for i, t in enumerate(texts)]
+        scored.sort(key=lambda r: -r["relevance_score"])
+        usage = {"total_tokens": _words(query) + _words(texts)}
+        await _pause(plan.ttft_ms)
+        results = scored if top_n is None else scored[:top_n]
+        return _json({"id": _new_id("rerank-"), "model": model, "results": results, "usage": usage})
+
+    async def echo(self, request: web.Request, plan: _Plan) -> web.StreamResponse:
+        raw, _, _ = await self.model_body(request)
+        headers: dict[str, str] = {}
+        seen: dict[str, str] = {}  # lower-cased name -> first spelling received
+        for name, value in request.headers.items():
+            key = seen.setdefault(name.lower(), str(name))  # orjson rejects istr keys
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        await _pause(plan.ttft_ms)
+        return _json(
+            {
+                "server": self.opts.name,
+                "method": request.method,
+                "path": request.path,
+                "query": request.query_string,
+                "headers": headers,
+                "body_sha256": hashlib.sha256(raw).hexdigest(),
+                "body_len": len(raw),
+            }
+        )
+
+    # --- Anthropic ----------------------------------------------------------------
+
+    async def messages(self, request: web.Request, plan: _Plan) -> web.StreamResponse:
+        _, body, model = await self.model_body(request)
+        prompt = _words(body.get("system")) + _prompt(body.get("messages"), "content")
+        turn = self.turn(model, prompt, plan, _limit(body, "max_tokens"))
+        message = self.anthropic_message(turn)
+        if body.get("stream") is True:
+            return await _stream(request, plan, anthropic_events(message, turn))
+        message["content"] = [{"type": "text", "text": turn.text}]
+        message["stop_reason"] = "max_tokens" if turn.truncated else "end_turn"
+        message["usage"]["output_tokens"] = turn.completion
+        await _pause(plan.ttft_ms)
+        return _json(message)
+
+    def anthropic_message(self, turn: Turn) -> dict[str, Any]:
+        return {
+            "id": _new_id("msg_"),
+            "type": "message",
+            "role": "assistant",
+            "model": turn.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": turn.prompt, "output_tokens": 1},
+        }
+
+    # --- Gemini -------------------------------------------------------------------
+
+    async def gemini(self, request: web.Request, plan: _Plan) -> web.StreamResponse:
+        model, _, method = request.match_info["target"].rpartition(":")
+        if method not in ("generateContent", "streamGenerateContent"):
+            raise _Reject(404, f"method {method!r} is not served by mock {self.opts.name}")
+        if model not in self.models:
+            raise _Reject(404, f"models/{model} is not found on mock {self.opts.name}")
+        _, body = await _read_json(request)
+        config = body.get("generationConfig")
+        limit = _limit(config, "maxOutputTokens") if isinstance(config, dict) else None
+        system = body.get("systemInstruction")
+        prompt = _prompt(body.get("contents"), "parts")
+        prompt += _words(system.get("parts")) if isinstance(system, dict) else 0
+        chunks = gemini_chunks(self.turn(model, prompt, plan, limit))
+        if method == "generateContent":
+            await _pause(plan.ttft_ms)
+            return _json(gemini_merge(chunks))
+        if request.query.get("alt") == "sse":
+            return await _stream(request, plan, Events((), map(sse, chunks), ()))
+        return await _stream(request, plan, json_array(chunks), "application/json")
+
+    # --- misc ---------------------------------------------------------------------
+
+    async def list_models(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self.models_body, content_type="application/json")
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        return _json({"status": "ok"})
+
+    async def model_health(self, request: web.Request) -> web.StreamResponse:
+        model = request.match_info["model"]
+        if model in self.models:
+            return _json({"status": "ok", "model": model})
+        return _json({"status": "not_found", "model": model}, 404)
+
+
+def build_app(opts: MockOptions) -> web.Application:
+    mock = _Mock(opts)
+    app = web.Application()
+    app.on_response_prepare.append(mock.tag)
+    add = app.router.add_post
+    add("/v1/chat/completions", mock.guarded(mock.chat, _openai_error))
+    add("/v1/completions", mock.guarded(mock.completions, _openai_error))
+    add("/v1/embeddings", mock.guarded(mock.embeddings, _openai_error))
+    add("/v1/rerank", mock.guarded(mock.rerank, _openai_error))
+    add("/v1/messages", mock.guarded(mock.messages, _anthropic_error))
+    add("/v1beta/models/{target:.+}", mock.guarded(mock.gemini, _google_error))
+    app.router.add_route("*", "/v1/echo", mock.guarded(mock.echo, _openai_error))
+    app.router.add_get("/v1/models", mock.list_models)
+    app.router.add_get("/health", mock.health)
+    app.router.add_get("/health/{model:.+}", mock.model_health)
+    app.router.add_post("/_mock/fault", mock.set_fault)
+    app.router.add_get("/_mock/fault", mock.get_fault)
+    return app
+
+
+def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+        if value < 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {raw!r}")
+        return value
+
+    return parse
+
+
+def _probability(raw: str) -> float:
+    value = _non_negative(float)(raw)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1]: {raw!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = MockOptions()
+    parser.add_argument("--port", type=int, default=d.port, help="TCP port (0 picks a free one)")
+    parser.add_argument("--host", default=d.host, help="address to bind")
+    parser.add_argument(
+        "--model", action="append", help=f"model to serve; repeatable (default {d.models[0]})"
+    )
+    parser.add_argument("--name", default=d.name, help="server id sent in X-Mock-Server")
+    parser.add_argument("--ttft-ms", type=_non_negative(float), default=d.ttft_ms)
+    parser.add_argument("--chunk-ms", type=_non_negative(float), default=d.chunk_ms)
+    parser.add_argument("--tokens", type=_non_negative(int), default=d.tokens)
+    parser.add_argument("--fail-rate", type=_probability, default=d.fail_rate)
+    parser.add_argument(
+        "--keepalive-s", type=_non_negative(float), default=d.keepalive_s,
+        help="idle keep-alive connections are closed after this",
+    )  # fmt: skip
+
+
+def options_from_args(ns: argparse.Namespace) -> MockOptions:
+    return MockOptions(
+        port=ns.port,
+        host=ns.host,
+        models=tuple(ns.model) if ns.model else MockOptions().models,
+        name=ns.name,
+        ttft_ms=ns.ttft_ms,
+        chunk_ms=ns.chunk_ms,
+        tokens=int(ns.tokens),
+        fail_rate=ns.fail_rate,
+        keepalive_s=ns.keepalive_s,
+    )
+
+
+async def serve(opts: MockOptions) -> None:
+    """Serve until cancelled; the printed line doubles as a readiness signal for scripts."""
+    runner = web.AppRunner(
+        build_app(opts), handle_signals=False, access_log=None, keepalive_timeout=opts.keepalive_s
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, opts.host, opts.port, reuse_address=True)
+        await site.start()
+        port = runner.addresses[0][1] if runner.addresses else opts.port
+        models = ",".join(opts.models)
+        print(f"mock {opts.name} serving {models} on http://{opts.host}:{port}", flush=True)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,124 @@
+"""HTTP/1.1 response heads kept as the bytes that arrived, and what the relay needs from them.
+
+An upstream response's head is relayed to the client nearly as it came (hop-by-hop fields
+out, the edge's own framing in). Decoding each field into Python strings and back costs a
+Python call per field on every response; instead the head's block of "Name: value\\r\\n" lines
+is kept as bytes and read once per distinct block: a server answers with the same head over and
+over (only its Date moves, once a second), so a `Seen` cache makes the usual response a single
+dictionary lookup. The parser (llhttp) has already validated every head these helpers see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+from multidict import CIMultiDict
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+# RFC 9110 7.6.1 connection-specific fields, plus those that describe one hop's framing.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+        "upgrade", "proxy-authorization", "proxy-authenticate",
+    }
+)  # fmt: skip
+# The client gets the edge's own framing: Content-Length, or chunked (a chunked upstream body's
+# checked framing passes through, edge/http/chunked.py), never the upstream's framing fields; and
+# the edge's own X-Request-ID and X-Edge-Server (edge/proxy/handler.py), never a server's claim to
+# them: relayed, a server could name another as the one that served, or send a second id.
+# Dropped here, once per distinct head (`Seen`), they cost nothing per response.
+EDGE_OWN = frozenset({"x-request-id", "x-edge-server"})
+_NOT_RELAYED = frozenset(n.encode() for n in HOP_BY_HOP | EDGE_OWN | {"content-length"})
+_OPTIONS = frozenset({b"close", b"keep-alive", b""})  # Connection values that name no field
+
+
+class Head:
+    """What the relay needs from one response head."""
+
+    __slots__ = ("relayed", "length", "framed", "chunked")
+
+    def __init__(
+        self, relayed: bytes, length: int | None, framed: bool, chunked: bool = False
+    ) -> None:
+        self.relayed = relayed  # the end-to-end header lines, as the server sent them
+        self.length = length  # Content-Length, if any
+        # Content-Length, or Transfer-Encoding ending in chunked; else the body ends at close
+        # (RFC 9112 6.3: "Transfer-Encoding: identity" or "gzip" alone is read until close too)
+        self.framed = framed
+        # Transfer-Encoding ending in chunked, and no Content-Length (edge/http/chunked.py reads it)
+        self.chunked = chunked
+
+    def __repr__(self) -> str:
+        return f"<Head length={self.length} framed={self.framed} chunked={self.chunked}>"
+
+
+def read(block: bytes) -> Head:
+    lines = block.split(b"\r\n")
+    kept: list[tuple[bytes, bytes]] = []
+    listed: set[bytes] = set()
+    length: int | None = None
+    chunked = sized = False
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        lowered = name.strip().lower()
+        if lowered in _NOT_RELAYED:
+            value = value.strip()
+            if lowered == b"content-length":
+                sized = True
+                length = int(value) if value.isdigit() else None
+            elif lowered == b"transfer-encoding":
+                chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
+            elif lowered == b"connection":
+                listed.update(t.strip().lower() for t in value.split(b","))
+        else:
+            kept.append((lowered, line))
+    listed -= _OPTIONS
+    relayed = b"".join([line + b"\r\n" for lowered, line in kept if lowered not in listed])
+    return Head(relayed, length, sized or chunked, chunked and not sized)
+
+
+class Seen(Generic[K, V]):
+    """key -> build(key), for the keys seen lately: heads (here) and request fields
+    (edge/http/server.py) repeat request after request. Cleared whole when full: a bound, not an
+    LRU; the keys that matter come back within a second."""
+
+    def __init__(self, build: Callable[[K], V], size: int) -> None:
+        self.build = build
+        self.size = size
+        self._seen: dict[K, V] = {}
+        self.misses = 0
+
+    def get(self, key: K) -> V:
+        value = self._seen.get(key)
+        if value is None:
+            self.misses += 1
+            if len(self._seen) >= self.size:
+                self._seen.clear()
+            value = self._seen[key] = self.build(key)
+        return value
+
+    def __repr__(self) -> str:
+        return f"<Seen entries={len(self._seen)} misses={self.misses}>"
+
+
+def split(raw: bytes) -> bytes:
+    """The block of header lines (each ending in CRLF) of the head at the start of `raw`. The
+    parser (strict llhttp) accepted the head, so its lines end in CRLF and none is folded."""
+    end = raw.find(b"\r\n\r\n")
+    line_end = raw.find(b"\r\n")
+    return b"" if line_end == end else raw[line_end + 2 : end + 2]
+
+
+def decode(block: bytes) -> CIMultiDict[str]:
+    """The fields of `block` as strings, for code that looks them up by name (not the relay)."""
+    fields: CIMultiDict[str] = CIMultiDict()
+    for line in block.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            fields.add(name.strip().decode("latin-1"), value.strip().decode("utf-8", "replace"))
+    return fields

@@ -1,0 +1,214 @@
+"""Upstream body -> client, as it arrives, with the client's flow control reaching the upstream.
+
+Nothing is parsed per piece. A body the first read already holds whole (most non-streaming
+answers) goes out with its head in one write. Any other is piped: the upstream connection's
+parser hands each piece straight to the client connection's transport (`UpstreamResponse.pipe`),
+with no task switch and no buffer in between; when the client's socket backs up, the upstream
+socket stops being read. A chunked stream to an HTTP/1.1 client (the usual SSE answer) keeps
+the framing it came with: each piece read goes out as it is, in whole chunks, once
+edge/http/chunked.py checked it (the part of a chunk that a read ends inside waits for the rest).
+The relay keeps references to the first piece and the last two, and only after the last byte
+went out does it look there for `usage` (OpenAI's usage object or `include_usage` chunk,
+Anthropic's message_start/message_delta, Gemini's usageMetadata).
+
+After the status is committed, an upstream that fails cannot be retried: an SSE stream ends with
+an error event in the client's dialect and a clean end, wherever the upstream stopped (the
+client is always between chunks, so the event can follow; the one exception is a chunk over
+chunked.HOLD_MAX, passed on as it arrives: dying inside one, the upstream gets the client's
+connection cut); any other body is cut off (the client sees a truncated response, never a
+well-formed wrong one). A client that goes away cancels the handler (edge/http/server.py), and the
+caller closes the upstream.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Final
+
+import orjson
+
+from edge.http.chunked import unframe
+from edge.http.client import Stopped, UpstreamError, UpstreamResponse
+from edge.http.server import Request
+from edge.observe.metrics import Usage
+from edge.proxy.forward import Upstream
+from edge.proxy.route import ANTHROPIC, GEMINI
+
+_PROMPT_KEYS: Final = ("prompt_tokens", "input_tokens", "promptTokenCount")
+_COMPLETION_KEYS: Final = ("completion_tokens", "output_tokens", "candidatesTokenCount")
+
+
+CLIENT_GONE = 499  # nginx's code for a request the client closed before the answer ended
+
+
+class Relayed:
+    """What the relay saw, for the observation recorded after it."""
+
+    __slots__ = ("status", "bytes_out", "usage", "outcome", "first_sent_at", "ended_at")
+
+    def __init__(
+        self, status: int, bytes_out: int, usage: Usage | None, outcome: str,
+        first_sent_at: float = 0.0, ended_at: float = 0.0,
+    ) -> None:  # fmt: skip
+        self.status = status
+        self.bytes_out = bytes_out
+        self.usage = usage
+        self.outcome = outcome
+        # Monotonic times: the first byte went out to the client; the upstream body ended.
+        # Between them the relay mostly waits on the upstream (the edge's overhead excludes it).
+        self.first_sent_at = first_sent_at
+        self.ended_at = ended_at
+
+    def __repr__(self) -> str:
+        return f"<Relayed {self.status} {self.outcome} bytes={self.bytes_out}>"
+
+
+async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> Relayed:
+    """`extra`: the edge's own response headers, rendered, added after the upstream's."""
+    upstream, conn, first = up.response, request.conn, up.first
+    status = upstream.status
+    head = upstream.head.relayed + extra
+    if upstream.complete:
+        conn.start(request, status, upstream.reason, head, len(first), first)
+        conn.end()
+        now = time.monotonic()
+        return Relayed(status, len(first), read_usage(first, first), "ok", now, now)
+    conn.start(request, status, upstream.reason, head, upstream.content_length, first)
+    first_sent_at = time.monotonic()
+    conn.source = upstream
+    if conn.paused:
+        upstream.pause_reading()
+    try:
+        await upstream.pipe(conn.write, conn.write_raw if conn.chunked else None)
+    except UpstreamError as exc:
+        ended_at = time.monotonic()
+        message = _STOPPED if isinstance(exc, Stopped) else _FAILED
+        _broken(request, upstream, dialect, first, message)
+        sent = len(first) + upstream.body_piped
+        return Relayed(status, sent, None, "stream_error", first_sent_at, ended_at)
+    finally:
+        conn.source = None
+    ended_at = time.monotonic()
+    conn.end()
+    prev, last = upstream.prev, upstream.last
+    tail = prev + last if prev else first + last
+    usage = read_usage(first, unframe(tail) if upstream.raw else tail)
+    return Relayed(status, len(first) + upstream.body_piped, usage, "ok", first_sent_at, ended_at)
+
+
+def _broken(
+    request: Request, upstream: UpstreamResponse, dialect: str, first: bytes, message: str
+) -> None:
+    conn = request.conn
+    if conn.sized or not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+        # An event after a Content-Length body would be read as part of it, or as the answer
+        # to the client's next request: the cut is the only honest end.
+        conn.abort()
+        return
+    last = upstream.last or first
+    if upstream.raw:
+        chunks = upstream.chunks
+        if chunks is None or not chunks.at_boundary:
+            # Inside a chunk over chunked.HOLD_MAX, passed on as it came: the client holds
+            # part of it, and no event can follow.
+            conn.abort()
+            return
+        if upstream.last:
+            last = last[:-2]  # the CRLF that ended the chunk
+    lead = b"" if last.endswith((b"\n\n", b"\r\n\r\n")) or not last else b"\n\n"
+    conn.write(lead + error_event(dialect, message))
+    conn.end()
+
+
+_FAILED = "The model server failed while streaming this response."
+_STOPPED = "The edge stopped while streaming this response; send the request again."
+
+
+def error_event(dialect: str, message: str = _FAILED) -> bytes:
+    """The final SSE event that tells a streaming client its answer ended early."""
+    if dialect == ANTHROPIC:
+        doc = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return b"event: error\ndata: " + orjson.dumps(doc) + b"\n\n"
+    if dialect == GEMINI:
+        body = {"error": {"code": 502, "message": message, "status": "UNAVAILABLE"}}
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+    err = {"message": message, "type": "server_error", "param": None, "code": "upstream_error"}
+    return b"data: " + orjson.dumps({"error": err}) + b"\n\n"
+
+
+def read_usage(head: bytes, tail: bytes) -> Usage | None:
+    """Token counts from the last usage object in `tail`, completed from `head` (Anthropic sends
+    input tokens in message_start, at the head of the stream)."""
+    found = _last_usage(tail)
+    if found is None:
+        return None
+    prompt = _first_int(found, _PROMPT_KEYS)
+    if prompt is None and head is not tail:
+        prompt = _first_int(_last_usage(head) or {}, _PROMPT_KEYS)
+    completion = _first_int(found, _COMPLETION_KEYS)
+    if prompt is None and completion is None:
+        return None
+    return Usage(prompt or 0, completion or 0)
+
+
+def _last_usage(data: bytes) -> dict[str, object] | None:
+    """The last usage object in `data`, found from the end with rfind and cut out by counting
+    braces, both at C speed; a regex that matched the nested object cost more than the rest of
+    the request's work in this module together."""
+    at = data.rfind(b'"usage')
+    while at >= 0:
+        start = _object_start(data, at)
+        if start >= 0:
+            end = _object_end(data, start)
+            if end >= 0:
+                try:
+                    doc = orjson.loads(data[start:end])
+                except orjson.JSONDecodeError:
+                    return None
+                return doc if isinstance(doc, dict) else None
+        at = data.rfind(b'"usage', 0, at)  # `"usage": null` in a chunk, or a key in a prompt
+    return None
+
+
+def _object_start(data: bytes, at: int) -> int:
+    """Where the object opens after the `"usage"` or `"usageMetadata"` key at `at`, or -1."""
+    if data.startswith(b'"usage"', at):
+        i = at + 7
+    elif data.startswith(b'"usageMetadata"', at):
+        i = at + 15
+    else:
+        return -1
+    n = len(data)
+    while i < n and data[i] in b" \t\r\n":
+        i += 1
+    if i >= n or data[i] != 58:  # ':'
+        return -1
+    i += 1
+    while i < n and data[i] in b" \t\r\n":
+        i += 1
+    return i if i < n and data[i] == 123 else -1  # '{'
+
+
+def _object_end(data: bytes, start: int) -> int:
+    """One past the brace that closes the object opening at `start`, or -1 if it is cut off.
+    Braces inside strings are not told apart: a usage object's strings hold none, and orjson
+    refuses a slice that came out wrong."""
+    depth, at = 0, start
+    while True:
+        close = data.find(b"}", at)
+        if close < 0:
+            return -1
+        depth += data.count(b"{", at, close) - 1
+        if depth == 0:
+            return close + 1
+        at = close + 1
+
+
+def _first_int(doc: dict[str, object], keys: tuple[str, ...]) -> int | None:
+    for key in keys:
+        value = doc.get(key)
+        if value is None:
+            continue
+        if type(value) is int and value >= 0:  # not a bool, not a float
+            return value
+    return None

@@ -1,0 +1,153 @@
+"""Classify a proxied request, read its body once (bounded) and parse it once.
+
+The parsed document is only looked at (model, stream flag, later affinity keys); the original
+bytes are what goes upstream, unchanged. The dialect decides the error shape the client gets.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+import orjson
+
+from edge.errors import BadRequest, MethodNotAllowed, NotFound, Unprocessable
+from edge.http.server import Request
+
+OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
+
+# Path -> route label for metrics; any other POST /v1/... with a model is "other".
+_ROUTES: Final = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/rerank": "rerank",
+    "/v1/messages": "messages",
+    "/v1/images/generations": "images",
+}
+_GEMINI_PREFIX: Final = "/v1beta/models/"
+_GEMINI_METHODS = {"generateContent": False, "streamGenerateContent": True}
+_WORKSPACE_ID = re.compile(r"[0-9a-f]{24}")  # Liara's workspace ids
+# Percent-encoded '.', '/', '\\', '%' and control characters: what a host could decode into a
+# path other than the one routed here (one decoding pass or two).
+_ENCODED: Final = re.compile(r"%(?:2[eEfF5]|5[cC]|[01][0-9a-fA-F]|7[fF])")
+_UNSAFE_PATH: Final = (
+    "The request path must not contain '.' or '..' segments, empty segments, backslashes, or "
+    "percent-encoded '.', '/', '\\', '%' or control characters."
+)
+
+
+class ProxyRequest:
+    """What the rest of the path needs to know about one proxied request."""
+
+    __slots__ = ("dialect", "route", "model", "stream", "body", "target", "doc", "workspace")
+
+    def __init__(
+        self, dialect: str, route: str, model: str, stream: bool, body: bytes, target: str,
+        doc: dict[str, Any],
+    ) -> None:  # fmt: skip
+        self.dialect = dialect
+        self.route = route
+        self.model = model
+        self.stream = stream
+        self.body = body
+        self.target = target  # path and query string, as sent upstream
+        self.doc = doc
+        self.workspace = ""  # from an /api/{workspace}/v1/... path
+
+    def __repr__(self) -> str:
+        return f"<ProxyRequest {self.route} model={self.model!r} stream={self.stream}>"
+
+
+def split_workspace(path: str) -> tuple[str, str]:
+    """(workspace id, the plain path) for `/api/{24 hex}/v1...` paths; ("", path) otherwise."""
+    if path.startswith("/api/") and path.startswith("/v1", 29):
+        workspace = path[5:29]
+        if _WORKSPACE_ID.fullmatch(workspace):
+            return workspace, path[29:]
+    return "", path
+
+
+def dialect_of(path: str) -> str:
+    """Which API's error shape a path speaks, decided from the path alone."""
+    if path.startswith("/api/"):
+        path = split_workspace(path)[1]
+    if path.startswith("/v1beta/"):
+        return GEMINI
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return ANTHROPIC
+    return OPENAI
+
+
+def is_proxied(path: str) -> bool:
+    if path.startswith("/api/"):
+        path = split_workspace(path)[1]
+    return path.startswith("/v1/") or path.startswith(_GEMINI_PREFIX)
+
+
+async def parse(request: Request) -> ProxyRequest:
+    workspace, path = split_workspace(request.path)
+    preq = await _parse(request, path)
+    if workspace:
+        # Upstream gets the plain /v1/... path; a prefix sent percent-encoded is not ours.
+        prefix = f"/api/{workspace}"
+        if not preq.target.startswith(prefix + "/"):
+            raise NotFound(f"No route for {request.path}.")
+        preq.target = preq.target[len(prefix) :]
+        preq.workspace = workspace
+    return preq
+
+
+def safe_path(path: str, target: str) -> bool:
+    """Whether a host resolves this path where it was routed. `path` is decoded, `target` as
+    sent (and as forwarded). A dot-segment (`/v1/../admin`), an empty one (`//`) or a backslash
+    could take a normalising host elsewhere than the /v1/ path the edge checked: such paths are
+    refused, not normalised, so that what the host gets is byte for byte what was checked."""
+    if "/." in path and any(s.partition(";")[0] in (".", "..") for s in path.split("/")):
+        return False  # ';' too: some hosts read "..;" as ".." with a parameter
+    if "//" in path or "\\" in path:
+        return False
+    return "%" not in target or _ENCODED.search(target.partition("?")[0]) is None
+
+
+async def _parse(request: Request, path: str) -> ProxyRequest:
+    if request.method != "POST":
+        raise MethodNotAllowed(request.method, "POST")
+    route = _ROUTES.get(path)
+    if route is None:
+        # Not one of the exact API paths (whose decoded form is itself safe): checked before
+        # it is forwarded as it came.
+        if not safe_path(path, request.target):
+            raise BadRequest(_UNSAFE_PATH)
+        if path.startswith(_GEMINI_PREFIX):
+            return await _parse_gemini(request, path)
+        route = "other"
+    body = await request.read()
+    doc = _json_object(body)
+    model = doc.get("model")
+    if not isinstance(model, str) or not model:
+        raise Unprocessable("The request body must name a 'model' (a string).", param="model")
+    stream = doc.get("stream") is True
+    return ProxyRequest(dialect_of(path), route, model, stream, body, request.target, doc)
+
+
+async def _parse_gemini(request: Request, path: str) -> ProxyRequest:
+    model, _, method = path[len(_GEMINI_PREFIX) :].rpartition(":")
+    stream = _GEMINI_METHODS.get(method)
+    if not model or stream is None:
+        raise NotFound(
+            f"Unknown Gemini method {method!r}; use :generateContent or :streamGenerateContent."
+        )
+    body = await request.read()
+    doc = _json_object(body)
+    return ProxyRequest(GEMINI, "gemini", model, stream, body, request.target, doc)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("The request body is not valid JSON.") from None
+    if not isinstance(doc, dict):
+        raise Unprocessable("The request body must be a JSON object.", param="model")
+    return doc

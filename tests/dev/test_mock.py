@@ -1,0 +1,685 @@
+"""The fake model server: wire shapes, scripting headers, and SDK compatibility."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import logging
+import struct
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from edge.dev.mock import MockOptions, add_arguments, build_app, options_from_args, serve
+
+OPTS = MockOptions(models=("m1", "org/m2"), name="mock-a", tokens=5)
+CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any) -> Any:
+    async def make(**changes: Any) -> TestClient[Any, Any]:
+        fields = {f: getattr(OPTS, f) for f in OPTS.__dataclass_fields__}
+        client: TestClient[Any, Any] = await aiohttp_client(
+            build_app(MockOptions(**fields | changes))
+        )
+        return client
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: Any) -> TestClient[Any, Any]:
+    result: TestClient[Any, Any] = await make_client()
+    return result
+
+
+def base_url(client: TestClient[Any, Any]) -> str:
+    return str(client.make_url("")).rstrip("/")
+
+
+async def post(client: TestClient[Any, Any], path: str, body: Any, **kw: Any) -> tuple[int, Any]:
+    async with client.post(path, data=orjson.dumps(body), **kw) as resp:
+        assert resp.headers["X-Mock-Server"] == "mock-a"
+        return resp.status, orjson.loads(await resp.read())
+
+
+async def sse_data(resp: aiohttp.ClientResponse) -> list[Any]:
+    """The payload of every `data:` line, JSON-decoded except the [DONE] sentinel."""
+    events = []
+    async for line in resp.content:
+        if line.startswith(b"data: "):
+            payload = line[6:].strip()
+            events.append(payload.decode() if payload == b"[DONE]" else orjson.loads(payload))
+    return events
+
+
+# --- OpenAI -------------------------------------------------------------------------
+
+
+async def test_models_listing_and_health(client: TestClient[Any, Any]) -> None:
+    async with client.get("/v1/models") as resp:
+        listing = await resp.json()
+        assert resp.headers["X-Mock-Server"] == "mock-a"
+    assert [m["id"] for m in listing["data"]] == ["m1", "org/m2"]
+    assert {m["owned_by"] for m in listing["data"]} == {"mock-a"}
+    assert listing["object"] == "list" and listing["data"][0]["object"] == "model"
+    async with client.get("/health") as resp:
+        assert (resp.status, await resp.json()) == (200, {"status": "ok"})
+    async with client.get("/health/org/m2") as resp:
+        assert resp.status == 200
+    async with client.get("/health/nope") as resp:
+        assert resp.status == 404
+        assert resp.headers["X-Mock-Server"] == "mock-a"
+
+
+async def test_chat_completion_shape(client: TestClient[Any, Any]) -> None:
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a b c"}, {"type": "image_url"}]},
+    ]
+    status, body = await post(client, "/v1/chat/completions", {"model": "m1", "messages": messages})
+    assert status == 200
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert body["model"] == "m1" and body["system_fingerprint"] == "mock-a"
+    assert isinstance(body["created"], int)
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert len(choice["message"]["content"].split()) == 5
+    assert choice["finish_reason"] == "stop"
+    # 2 + 3 words, plus one per message
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+
+
+async def test_chat_stream_with_usage(client: TestClient[Any, Any]) -> None:
+    request = CHAT | {"stream": True, "stream_options": {"include_usage": True}}
+    async with client.post("/v1/chat/completions", json=request) as resp:
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        assert resp.headers["Cache-Control"] == "no-cache"
+        assert resp.headers["X-Mock-Server"] == "mock-a"
+        events = await sse_data(resp)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1
+    assert {c["system_fingerprint"] for c in chunks} == {"mock-a"}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    tokens = [c["choices"][0]["delta"]["content"] for c in chunks[1:6]]
+    assert tokens == ["tok1 ", "tok2 ", "tok3 ", "tok4 ", "tok5 "]
+    assert chunks[6]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+    assert chunks[7]["choices"] == []
+    assert chunks[7]["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    assert len(chunks) == 8
+
+
+async def test_chat_stream_without_include_usage_has_no_usage_chunk(
+    client: TestClient[Any, Any],
+) -> None:
+    async with client.post("/v1/chat/completions", json=CHAT | {"stream": True}) as resp:
+        events = await sse_data(resp)
+    assert events[-1] == "[DONE]"
+    assert all("usage" not in e for e in events[:-1])
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_completions_non_stream_and_stream(client: TestClient[Any, Any]) -> None:
+    request = {"model": "org/m2", "prompt": "one two three"}
+    status, body = await post(client, "/v1/completions", request)
+    assert status == 200 and body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == "tok1 tok2 tok3 tok4 tok5 "
+    assert body["usage"]["prompt_tokens"] == 3
+    stream = request | {"stream": True, "stream_options": {"include_usage": True}}
+    async with client.post("/v1/completions", json=stream) as resp:
+        events = await sse_data(resp)
+    texts = "".join(e["choices"][0]["text"] for e in events[:-2] if e["choices"])
+    assert texts == body["choices"][0]["text"]
+    assert events[-3]["choices"][0]["finish_reason"] == "stop"
+    assert events[-2]["usage"]["completion_tokens"] == 5 and events[-1] == "[DONE]"
+
+
+def _chat_text(body: Any) -> tuple[int, str]:
+    return len(body["choices"][0]["message"]["content"].split()), body["choices"][0][
+        "finish_reason"
+    ]
+
+
+def _text_text(body: Any) -> tuple[int, str]:
+    return len(body["choices"][0]["text"].split()), body["choices"][0]["finish_reason"]
+
+
+def _anthropic_text(body: Any) -> tuple[int, str]:
+    return len(body["content"][0]["text"].split()), body["stop_reason"]
+
+
+def _gemini_text(body: Any) -> tuple[int, str]:
+    candidate = body["candidates"][0]
+    return len(candidate["content"]["parts"][0]["text"].split()), candidate["finishReason"]
+
+
+@pytest.mark.parametrize(
+    ("path", "request_body", "read", "capped"),
+    [
+        ("/v1/chat/completions", CHAT | {"max_tokens": 2}, _chat_text, "length"),
+        ("/v1/chat/completions", CHAT | {"max_completion_tokens": 2}, _chat_text, "length"),
+        ("/v1/completions", {"model": "m1", "prompt": "x", "max_tokens": 2}, _text_text, "length"),
+        ("/v1/messages", CHAT | {"max_tokens": 2}, _anthropic_text, "max_tokens"),
+        (
+            "/v1beta/models/m1:generateContent",
+            {"contents": [], "generationConfig": {"maxOutputTokens": 2}},
+            _gemini_text,
+            "MAX_TOKENS",
+        ),
+    ],
+)
+async def test_max_tokens_caps_completion(
+    client: TestClient[Any, Any], path: str, request_body: Any, read: Any, capped: str
+) -> None:
+    status, body = await post(client, path, request_body)
+    assert status == 200
+    assert read(body) == (2, capped)
+
+
+async def test_max_tokens_above_budget_is_a_normal_stop(client: TestClient[Any, Any]) -> None:
+    _, body = await post(client, "/v1/chat/completions", CHAT | {"max_tokens": 50})
+    assert _chat_text(body) == (5, "stop")
+
+
+async def test_embeddings_shape_and_determinism_across_instances(make_client: Any) -> None:
+    first, second = await make_client(), await make_client(name="mock-b")
+    request = {"model": "m1", "input": ["alpha beta", "gamma"]}
+    status, one = await post(first, "/v1/embeddings", request)
+    async with second.post("/v1/embeddings", json=request) as resp:
+        assert resp.headers["X-Mock-Server"] == "mock-b"
+        two = await resp.json()
+    assert status == 200 and one["object"] == "list" and one["model"] == "m1"
+    assert [d["index"] for d in one["data"]] == [0, 1]
+    assert all(d["object"] == "embedding" and len(d["embedding"]) == 8 for d in one["data"])
+    assert one["data"] == two["data"]
+    assert one["data"][0]["embedding"] != one["data"][1]["embedding"]
+    assert one["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
+
+
+async def test_embeddings_accept_token_ids_and_base64(client: TestClient[Any, Any]) -> None:
+    _, floats = await post(client, "/v1/embeddings", {"model": "m1", "input": [[1, 2, 3], [4]]})
+    assert floats["usage"]["prompt_tokens"] == 4 and len(floats["data"]) == 2
+    _, single = await post(client, "/v1/embeddings", {"model": "m1", "input": [1, 2, 3]})
+    assert single["data"][0]["embedding"] == floats["data"][0]["embedding"]
+    request = {"model": "m1", "input": [[1, 2, 3]], "encoding_format": "base64"}
+    _, packed = await post(client, "/v1/embeddings", request)
+    decoded = struct.unpack("<8f", base64.b64decode(packed["data"][0]["embedding"]))
+    assert list(decoded) == floats["data"][0]["embedding"]
+    status, err = await post(client, "/v1/embeddings", {"model": "m1", "input": [1, "x"]})
+    assert status == 400 and err["error"]["param"] == "input"
+
+
+async def test_rerank_sorted_deterministic_and_top_n(client: TestClient[Any, Any]) -> None:
+    docs = ["red apple", "blue sky", {"text": "green tree"}, "yellow sun"]
+    request = {"model": "m1", "query": "colour", "documents": docs}
+    status, full = await post(client, "/v1/rerank", request)
+    assert status == 200 and full["model"] == "m1" and full["id"]
+    scores = [r["relevance_score"] for r in full["results"]]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s < 1 for s in scores)
+    assert sorted(r["index"] for r in full["results"]) == [0, 1, 2, 3]
+    assert full["usage"] == {"total_tokens": 9}
+    _, top = await post(client, "/v1/rerank", request | {"top_n": 2})
+    assert top["results"] == full["results"][:2]
+
+
+async def test_echo_reports_request(client: TestClient[Any, Any]) -> None:
+    raw = orjson.dumps({"model": "m1", "x": [1, 2]})
+    headers = {"X-Trace": "a", "Content-Type": "application/json"}
+    async with client.post("/v1/echo?q=1&q=2", data=raw, headers=headers) as resp:
+        assert resp.headers["X-Mock-Server"] == "mock-a"
+        body = await resp.json()
+    assert body["server"] == "mock-a" and body["method"] == "POST"
+    assert body["path"] == "/v1/echo" and body["query"] == "q=1&q=2"
+    assert body["headers"]["X-Trace"] == "a"
+    assert body["headers"]["Content-Type"] == "application/json"
+    assert body["body_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert body["body_len"] == len(raw)
+    status, _ = await post(client, "/v1/echo", {"model": "other"})
+    assert status == 404
+
+
+async def test_echo_joins_repeated_headers(client: TestClient[Any, Any]) -> None:
+    # aiohttp's client merges repeated names, so speak HTTP/1.1 by hand.
+    raw = b'{"model": "m1"}'
+    head = (
+        f"POST /v1/echo HTTP/1.1\r\nHost: x\r\nX-Trace: a\r\nx-trace: b\r\n"
+        f"Content-Length: {len(raw)}\r\nConnection: close\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(head.encode() + raw)
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 200")
+    body = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["headers"]["X-Trace"] == "a, b" and "x-trace" not in body["headers"]
+
+
+# --- Anthropic ----------------------------------------------------------------------
+
+
+async def test_messages_non_stream(client: TestClient[Any, Any]) -> None:
+    request = CHAT | {"system": "you are terse", "max_tokens": 100}
+    status, body = await post(client, "/v1/messages", request)
+    assert status == 200 and body["id"].startswith("msg_")
+    assert (body["type"], body["role"], body["model"]) == ("message", "assistant", "m1")
+    assert body["content"] == [{"type": "text", "text": "tok1 tok2 tok3 tok4 tok5 "}]
+    assert body["stop_reason"] == "end_turn" and body["stop_sequence"] is None
+    assert body["usage"] == {"input_tokens": 6, "output_tokens": 5}
+
+
+async def test_messages_stream_event_sequence(client: TestClient[Any, Any]) -> None:
+    async with client.post("/v1/messages", json=CHAT | {"stream": True}) as resp:
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        text = (await resp.read()).decode()
+    blocks = [b for b in text.split("\n\n") if b]
+    names = [b.split("\n")[0].removeprefix("event: ") for b in blocks]
+    datas = [orjson.loads(b.split("\n")[1].removeprefix("data: ")) for b in blocks]
+    assert names == [
+        "message_start",
+        "content_block_start",
+        "ping",
+        *["content_block_delta"] * 5,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert [d["type"] for d in datas] == names
+    assert datas[0]["message"]["usage"] == {"input_tokens": 3, "output_tokens": 1}
+    assert datas[3]["delta"] == {"type": "text_delta", "text": "tok1 "}
+    assert datas[-2]["delta"]["stop_reason"] == "end_turn"
+    assert datas[-2]["usage"]["output_tokens"] == 5
+
+
+# --- Gemini -------------------------------------------------------------------------
+
+GEMINI = {
+    "contents": [{"role": "user", "parts": [{"text": "hi you"}]}],
+    "systemInstruction": {"parts": [{"text": "be kind"}]},
+}
+
+
+async def test_gemini_generate_content(client: TestClient[Any, Any]) -> None:
+    status, body = await post(client, "/v1beta/models/org/m2:generateContent", GEMINI)
+    assert status == 200 and body["modelVersion"] == "org/m2"
+    candidate = body["candidates"][0]
+    assert candidate["content"] == {
+        "role": "model",
+        "parts": [{"text": "tok1 tok2 tok3 tok4 tok5 "}],
+    }
+    assert candidate["finishReason"] == "STOP" and candidate["index"] == 0
+    usage = {"promptTokenCount": 5, "candidatesTokenCount": 5, "totalTokenCount": 10}
+    assert body["usageMetadata"] == usage
+
+
+async def test_gemini_stream_sse_and_json_array(client: TestClient[Any, Any]) -> None:
+    path = "/v1beta/models/m1:streamGenerateContent"
+    async with client.post(path + "?alt=sse", json=GEMINI) as resp:
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        sse = await sse_data(resp)
+    status, array = await post(client, path, GEMINI)
+    assert status == 200 and isinstance(array, list)
+    for chunks in (sse, array):
+        texts = [c["candidates"][0]["content"]["parts"][0]["text"] for c in chunks]
+        assert texts == ["tok1 ", "tok2 ", "tok3 ", "tok4 ", "tok5 "]
+        assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
+        assert chunks[-1]["usageMetadata"]["candidatesTokenCount"] == 5
+
+
+# --- errors and scripting -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "request_body", "expected"),
+    [
+        (
+            "/v1/chat/completions",
+            {"model": "nope", "messages": []},
+            {"type": "invalid_request_error", "param": "model", "code": "model_not_found"},
+        ),
+        ("/v1/embeddings", {"model": "nope", "input": "x"}, {"code": "model_not_found"}),
+        ("/v1/rerank", {"query": "q", "documents": []}, {"code": "model_not_found"}),
+        ("/v1/messages", {"model": "nope"}, {"type": "not_found_error"}),
+        ("/v1beta/models/nope:generateContent", {}, {"code": 404, "status": "NOT_FOUND"}),
+        ("/v1beta/models/m1:countTokens", {}, {"code": 404, "status": "NOT_FOUND"}),
+    ],
+)
+async def test_unknown_model_is_404_in_route_dialect(
+    client: TestClient[Any, Any], path: str, request_body: Any, expected: dict[str, Any]
+) -> None:
+    status, body = await post(client, path, request_body)
+    assert status == 404
+    assert expected.items() <= body["error"].items()
+    assert body["error"]["message"]
+    assert body.get("type") == ("error" if path == "/v1/messages" else None)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/v1/chat/completions", {"type": "invalid_request_error"}),
+        ("/v1/messages", {"type": "invalid_request_error"}),
+        ("/v1beta/models/m1:generateContent", {"status": "INVALID_ARGUMENT"}),
+    ],
+)
+async def test_non_json_body_is_400(
+    client: TestClient[Any, Any], path: str, expected: dict[str, Any]
+) -> None:
+    async with client.post(path, data=b"{not json") as resp:
+        assert resp.status == 400 and resp.headers["X-Mock-Server"] == "mock-a"
+        assert expected.items() <= (await resp.json())["error"].items()
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/v1/chat/completions", {"type": "server_error"}),
+        ("/v1/embeddings", {"type": "server_error"}),
+        ("/v1/messages", {"type": "overloaded_error"}),
+        ("/v1beta/models/m1:generateContent", {"status": "UNAVAILABLE", "code": 503}),
+    ],
+)
+async def test_fail_rate_one_always_503(
+    make_client: Any, path: str, expected: dict[str, Any]
+) -> None:
+    flaky = await make_client(fail_rate=1.0)
+    async with flaky.post(path, json=CHAT | {"input": "x"}) as resp:
+        assert resp.status == 503 and resp.headers["X-Mock-Server"] == "mock-a"
+        assert expected.items() <= (await resp.json())["error"].items()
+    async with flaky.get("/health") as resp:
+        assert resp.status == 200  # failures are for model traffic only
+
+
+async def test_x_mock_status_answers_scripted_error(client: TestClient[Any, Any]) -> None:
+    for code, kind in ((429, "rate_limit_error"), (500, "server_error"), (400, None)):
+        headers = {"X-Mock-Status": str(code)}
+        status, body = await post(client, "/v1/chat/completions", CHAT, headers=headers)
+        assert status == code and body["error"]["code"] == "mock_status"
+        assert kind is None or body["error"]["type"] == kind
+    status, _ = await post(client, "/v1/messages", CHAT, headers={"X-Mock-Status": "529"})
+    assert status == 529
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("X-Mock-Status", "abc"),
+        ("X-Mock-Status", "200"),
+        ("X-Mock-TTFT-Ms", "-5"),
+        ("X-Mock-Chunk-Ms", "nan"),
+        ("X-Mock-Tokens", "1.5"),
+    ],
+)
+async def test_invalid_override_is_400(
+    client: TestClient[Any, Any], header: str, value: str
+) -> None:
+    status, body = await post(client, "/v1/chat/completions", CHAT, headers={header: value})
+    assert status == 400 and header in body["error"]["message"]
+
+
+async def test_x_mock_tokens_overrides_budget(client: TestClient[Any, Any]) -> None:
+    _, body = await post(client, "/v1/chat/completions", CHAT, headers={"X-Mock-Tokens": "9"})
+    assert body["usage"]["completion_tokens"] == 9
+    _, body = await post(client, "/v1/chat/completions", CHAT, headers={"X-Mock-Tokens": "0"})
+    assert body["choices"][0]["message"]["content"] == ""
+
+
+async def test_invalid_max_tokens_is_400(client: TestClient[Any, Any]) -> None:
+    status, body = await post(client, "/v1/chat/completions", CHAT | {"max_tokens": "many"})
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+
+
+async def test_unrouted_path_still_carries_server_header(client: TestClient[Any, Any]) -> None:
+    async with client.get("/no/such/path") as resp:
+        assert resp.status == 404 and resp.headers["X-Mock-Server"] == "mock-a"
+
+
+# --- timing -------------------------------------------------------------------------
+
+
+async def test_ttft_option_delays_non_stream_answer(make_client: Any) -> None:
+    slow = await make_client(ttft_ms=80)
+    started = time.monotonic()
+    status, _ = await post(slow, "/v1/chat/completions", CHAT)
+    assert status == 200 and time.monotonic() - started >= 0.07
+
+
+async def test_ttft_and_chunk_headers_pace_a_stream(client: TestClient[Any, Any]) -> None:
+    headers = {"X-Mock-TTFT-Ms": "60", "X-Mock-Chunk-Ms": "15", "X-Mock-Tokens": "4"}
+    started = time.monotonic()
+    async with client.post(
+        "/v1/chat/completions", json=CHAT | {"stream": True}, headers=headers
+    ) as resp:
+        first = await resp.content.readline()
+        first_at = time.monotonic() - started
+        await resp.read()
+        done_at = time.monotonic() - started
+    assert first.startswith(b"data: ")
+    assert first_at >= 0.05
+    assert done_at >= 0.05 + 4 * 0.012
+
+
+async def test_client_disconnect_mid_stream_is_quiet(
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    headers = {"X-Mock-Chunk-Ms": "10", "X-Mock-Tokens": "100"}
+    with caplog.at_level(logging.ERROR):
+        async with client.post(
+            "/v1/chat/completions", json=CHAT | {"stream": True}, headers=headers
+        ) as resp:
+            await resp.content.readline()
+            resp.close()
+        await asyncio.sleep(0.08)
+        async with client.get("/health") as health:
+            assert health.status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# --- SDK compatibility --------------------------------------------------------------
+
+
+async def raw_post(client: TestClient[Any, Any], path: str, doc: Any) -> bytes:
+    """Everything the server sends until it closes: framing included."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    body = orjson.dumps(doc)
+    writer.write(
+        b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path.encode(), len(body))
+        + body
+    )
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_fault_control_slows_fails_and_cuts_until_cleared(
+    client: TestClient[Any, Any],
+) -> None:
+    stream = {**CHAT, "stream": True}
+    async with client.get("/_mock/fault") as resp:
+        assert (await resp.json())["active"] is False
+
+    async def fault(body: Any) -> tuple[int, Any]:
+        async with client.post("/_mock/fault", data=orjson.dumps(body)) as resp:
+            return resp.status, await resp.json()
+
+    # Slow: added to the header overrides, not replaced by them.
+    status, shown = await fault({"ttft_ms": 150, "chunk_ms": 20})
+    assert status == 200 and shown["active"] and shown["ttft_ms"] == 150
+    started = time.monotonic()
+    assert (await post(client, "/v1/chat/completions", CHAT, headers={"X-Mock-TTFT-Ms": "5"}))[
+        0
+    ] == 200
+    assert time.monotonic() - started >= 0.155
+    started = time.monotonic()
+    async with client.post("/v1/chat/completions", json=stream) as resp:
+        await resp.read()
+    assert time.monotonic() - started >= 0.15 + 5 * 0.02
+
+    # A status to a share of requests, in the route's dialect.
+    await fault({"status": 503, "rate": 1.0})
+    code, body = await post(client, "/v1/messages", {**CHAT, "max_tokens": 5})
+    assert code == 503 and body["error"]["type"] == "overloaded_error"
+    await fault({"status": 500, "rate": 0.0})
+    assert (await post(client, "/v1/chat/completions", CHAT))[0] == 200
+
+    # Cut: the connection drops after two token events, with no end of the chunked body.
+    await fault({"cut_after": 2})
+    async with client.post("/v1/chat/completions", json=stream) as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    assert (await post(client, "/v1/chat/completions", CHAT))[0] == 200  # not a stream: whole
+    await fault({"cut_after": 1, "partial": True})  # and half of the next event's chunk first
+    chunks = (await raw_post(client, "/v1/chat/completions", stream)).split(b"\r\n\r\n", 1)[1]
+    sizes = []
+    while b"\r\n" in chunks:
+        size, _, chunks = chunks.partition(b"\r\n")
+        sizes.append(int(size, 16))
+        if len(chunks) < sizes[-1]:
+            break
+        assert chunks[sizes[-1] : sizes[-1] + 2] == b"\r\n"
+        chunks = chunks[sizes[-1] + 2 :]
+    assert len(sizes) == 3 and 0 < len(chunks) < sizes[-1]  # role, one token, half of one
+
+    # Cleared, and bad faults refused (the one in force stays).
+    assert (await fault({}))[1]["active"] is False
+    async with client.post("/v1/chat/completions", json=stream) as resp:
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+    bad_faults = ({"status": 200}, {"rate": 2}, {"cut_after": -2}, {"nope": 1}, {"ttft_ms": "1"})
+    for bad in (*bad_faults, {"partial": 1}):
+        status, shown = await fault(bad)
+        assert status == 400 and "bad fault" in shown["error"]["message"], bad
+    async with client.post("/_mock/fault", data=b"[") as resp:
+        assert resp.status == 400
+    async with client.get("/_mock/fault") as resp:
+        assert (await resp.json())["active"] is False
+
+
+async def test_openai_sdk_round_trip(client: TestClient[Any, Any]) -> None:
+    openai = pytest.importorskip("openai")
+    async with openai.AsyncOpenAI(
+        base_url=f"{base_url(client)}/v1", api_key="x", max_retries=0
+    ) as sdk:
+        chat = await sdk.chat.completions.create(
+            model="m1", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert chat.choices[0].message.content == "tok1 tok2 tok3 tok4 tok5 "
+        assert chat.usage is not None and chat.usage.completion_tokens == 5
+        stream = await sdk.chat.completions.create(
+            model="m1",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        parts, usage = [], None
+        async for chunk in stream:
+            parts += [c.delta.content or "" for c in chunk.choices]
+            usage = chunk.usage or usage
+        assert "".join(parts) == "tok1 tok2 tok3 tok4 tok5 "
+        assert usage is not None and usage.total_tokens == 7
+        emb = await sdk.embeddings.create(model="m1", input=["alpha beta", "gamma"])
+        _, raw = await post(
+            client, "/v1/embeddings", {"model": "m1", "input": ["alpha beta", "gamma"]}
+        )
+        assert [d.embedding for d in emb.data] == [d["embedding"] for d in raw["data"]]
+        text = await sdk.completions.create(model="org/m2", prompt="x", max_tokens=1)
+        assert text.choices[0].text == "tok1 " and text.choices[0].finish_reason == "length"
+        with pytest.raises(openai.NotFoundError):
+            await sdk.chat.completions.create(model="zz", messages=[])
+
+
+async def test_anthropic_sdk_round_trip(client: TestClient[Any, Any]) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    messages = [{"role": "user", "content": "hi"}]
+    async with anthropic.AsyncAnthropic(
+        base_url=base_url(client), api_key="x", max_retries=0
+    ) as sdk:
+        msg = await sdk.messages.create(model="m1", max_tokens=3, messages=messages)
+        assert msg.content[0].text == "tok1 tok2 tok3 "
+        assert msg.stop_reason == "max_tokens" and msg.usage.output_tokens == 3
+        async with sdk.messages.stream(model="m1", max_tokens=64, messages=messages) as stream:
+            pieces = [t async for t in stream.text_stream]
+            final = await stream.get_final_message()
+        assert "".join(pieces) == "tok1 tok2 tok3 tok4 tok5 "
+        assert final.stop_reason == "end_turn" and final.usage.output_tokens == 5
+        assert final.usage.input_tokens == 2
+        with pytest.raises(anthropic.NotFoundError):
+            await sdk.messages.create(model="zz", max_tokens=1, messages=messages)
+
+
+# --- options, CLI arguments, serve --------------------------------------------------
+
+
+def test_arguments_map_onto_options() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert options_from_args(parser.parse_args([])) == MockOptions()
+    argv = "--port 7 --model a --model b --name n --ttft-ms 5 --chunk-ms 1.5 --tokens 3"
+    opts = options_from_args(parser.parse_args([*argv.split(), "--fail-rate", "0.25"]))
+    assert opts == MockOptions(7, "127.0.0.1", ("a", "b"), "n", 5.0, 1.5, 3, 0.25)
+    opts = options_from_args(parser.parse_args(["--keepalive-s", "0.2"]))
+    assert opts.keepalive_s == 0.2
+
+
+@pytest.mark.parametrize("argv", [["--fail-rate", "1.5"], ["--tokens", "-1"], ["--ttft-ms", "x"]])
+def test_bad_arguments_are_rejected(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_options_validate_themselves() -> None:
+    with pytest.raises(ValueError):
+        MockOptions(fail_rate=2.0)
+    with pytest.raises(ValueError):
+        MockOptions(models=())
+
+
+async def test_serve_prints_ready_line_and_cleans_up(capsys: pytest.CaptureFixture[str]) -> None:
+    opts = MockOptions(port=0, models=("a", "b"), name="srv", keepalive_s=0.2)
+    task = asyncio.create_task(serve(opts))
+    out = ""
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        out += capsys.readouterr().out
+        if out:
+            break
+    prefix = "mock srv serving a,b on http://127.0.0.1:"
+    assert out.startswith(prefix) and out.endswith("\n")
+    url = out.strip().rsplit(" ", 1)[1]
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/health") as resp:
+        assert resp.status == 200 and resp.headers["X-Mock-Server"] == "srv"
+    # An idle keep-alive connection is closed by the mock after keepalive_s, not before.
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    await reader.readexactly(len(b'{"status":"ok"}'))
+    started = time.monotonic()
+    assert await asyncio.wait_for(reader.read(), 2) == b""
+    assert 0.15 < time.monotonic() - started < 1.5
+    writer.close()
+    await writer.wait_closed()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await session.get(f"{url}/health")

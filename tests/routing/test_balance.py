@@ -1,0 +1,465 @@
+"""Balancer units: scores, policies, pins, affinity decisions, hedge budget, shared counts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+
+from edge.config import from_mapping
+from edge.errors import BadRequest
+from edge.routing.balance import Balancer
+from edge.routing.fleet import EJECTED, Host
+from edge.routing.stats import FAILURE_PENALTY_S, HostStats, SharedLoad, sweep
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(n=3, seed=1, **routing):
+    clock = Clock()
+    settings = from_mapping({}, **{f"routing__{k}": v for k, v in routing.items()}).routing
+    import random
+
+    balancer = Balancer(settings, rng=random.Random(seed), clock=clock)
+    hosts = tuple(Host(f"http://10.0.0.{i}:8000") for i in range(n))
+    return balancer, hosts, clock
+
+
+def feed(host, ttfb, clock, times=5):
+    for _ in range(times):
+        clock.now += 0.1
+        host.stats.record(ttfb, False, clock.now)
+
+
+def share(balancer, hosts, decision=None, picks=2000):
+    counts = Counter(balancer.pick(hosts, (), decision).url for _ in range(picks))
+    return [counts[h.url] / picks for h in hosts]
+
+
+def decide(balancer, hosts, doc=None, **headers):
+    return balancer.decide("m", hosts, doc or {"model": "m"}, headers)
+
+
+# --- the score ------------------------------------------------------------------------------
+
+
+def test_peak_ewma_takes_bad_news_at_once_and_good_news_gradually():
+    stats = HostStats()
+    stats.record(0.1, False, 0.0)
+    stats.record(2.0, False, 0.1)
+    assert stats.ttfb_ewma == 2.0  # peak
+    stats.record(0.1, False, 0.2)
+    assert 1.9 < stats.ttfb_ewma < 2.0  # 0.1 s later: barely moved
+    stats.record(0.1, False, 30.0)
+    assert stats.ttfb_ewma < 0.2  # long after: the sample dominates
+
+
+def test_a_failure_is_a_penalty_latency_and_counts_as_failing():
+    stats = HostStats()
+    stats.record(0.01, False, 0.0)
+    stats.record(None, True, 0.001)  # a 503 in 1 ms
+    assert stats.ttfb_ewma == FAILURE_PENALTY_S
+    assert stats.failing(1.0, 10.0) and not stats.failing(11.0, 10.0)
+    stats.record(0.01, False, 2.0)
+    assert not stats.failing(2.0, 10.0)
+
+
+def test_score_drifts_back_to_neutral_and_unsampled_is_neutral():
+    stats = HostStats()
+    assert stats.score(5.0, neutral=0.3, decay_s=10.0) == 0.3
+    stats.record(None, True, 0.0)
+    assert stats.score(0.0, 0.3, 10.0) == FAILURE_PENALTY_S
+    assert stats.score(10.0, 0.3, 10.0) == pytest.approx(0.3 + (5.0 - 0.3) / 2.718281828, 1e-3)
+    assert stats.score(100.0, 0.3, 10.0) == pytest.approx(0.3, abs=1e-3)
+
+
+def test_decode_rate_needs_streaming_after_the_first_byte():
+    stats = HostStats()
+    usage = SimpleNamespace(completion_tokens=100)
+    stats.record(0.1, False, 1.0, usage, duration_s=1.1)  # 100 tokens in 1 s after first byte
+    assert stats.rate_ewma == pytest.approx(100.0)
+    stats.record(0.5, False, 2.0, usage, duration_s=0.51)  # a non-streamed body: no rate
+    assert stats.rate_samples == 1
+
+
+def test_p95_needs_enough_samples_and_is_capped_at_four_medians():
+    stats = HostStats()
+    for i in range(7):
+        stats.record(0.01 * (i + 1), False, float(i))
+        assert (stats.p95() is None) == (i < 4)
+    for i in range(13):
+        stats.record(0.01, False, 10.0 + i)
+    stats.record(0.9, False, 30.0)
+    assert stats.p95() == 0.04  # the 95th percentile (0.07) is over four medians (0.01)
+    for i in range(10):
+        stats.record(0.05, False, 40.0 + i)
+    assert stats.p95() == 0.07
+
+
+# --- policies -------------------------------------------------------------------------------
+
+
+def test_latency_prefers_fast_hosts_and_still_uses_the_slow_one_a_little():
+    balancer, hosts, clock = make(3, affinity=False)
+    for host, ttfb in zip(hosts, (0.05, 0.1, 0.4), strict=True):
+        feed(host, ttfb, clock)
+    fast, mid, slow = share(balancer, hosts, decide(balancer, hosts))
+    assert fast > mid > slow and slow < 0.2 and fast > 0.45
+
+
+def test_in_flight_multiplies_the_score():
+    balancer, hosts, clock = make(2, affinity=False)
+    feed(hosts[0], 0.05, clock)
+    feed(hosts[1], 0.2, clock)
+    hosts[0].inflight = 10  # 0.05 x 11 > 0.2 x 1
+    assert share(balancer, hosts, decide(balancer, hosts)) == [0.0, 1.0]
+
+
+def test_fast_failures_do_not_attract_traffic():
+    balancer, hosts, clock = make(3, affinity=False)
+    for host in hosts:
+        feed(host, 0.2, clock)
+    hosts[0].stats.record(None, True, clock.now)  # answers 503 in 1 ms
+    assert share(balancer, hosts, decide(balancer, hosts))[0] == 0.0
+
+
+def test_a_penalised_host_is_tried_again_once_its_score_decays():
+    balancer, hosts, clock = make(3, affinity=False)
+    for host in hosts:
+        feed(host, 0.2, clock)
+    hosts[0].stats.record(None, True, clock.now)
+    hosts[1].inflight = hosts[2].inflight = 2
+    assert share(balancer, hosts, decide(balancer, hosts), picks=300)[0] == 0.0
+    clock.now += 60  # nobody sent it anything: its penalty has decayed toward neutral
+    for host in hosts[1:]:
+        feed(host, 0.2, clock, times=1)
+    assert share(balancer, hosts, decide(balancer, hosts), picks=300)[0] > 0.3
+
+
+def test_a_new_host_starts_neutral_and_is_tried():
+    balancer, hosts, clock = make(3, affinity=False)
+    feed(hosts[0], 0.1, clock)
+    feed(hosts[1], 0.3, clock)
+    new = share(balancer, hosts, decide(balancer, hosts))[2]
+    assert 0.2 < new < 0.6  # beats the slow host, loses to the fast one
+
+
+def test_engine_queue_counts_as_load():
+    balancer, hosts, clock = make(2, affinity=False)
+    feed(hosts[0], 0.1, clock)
+    feed(hosts[1], 0.1, clock)
+    hosts[0].stats.engine_queue, hosts[0].stats.engine_until = 20, clock.now + 5
+    assert share(balancer, hosts, decide(balancer, hosts), picks=200) == [0.0, 1.0]
+    clock.now += 6  # the reading expired
+    assert share(balancer, hosts, decide(balancer, hosts), picks=400)[0] > 0.3
+
+
+def test_least_inflight_round_robin_and_random():
+    balancer, hosts, _ = make(3, affinity=False, policy="least_inflight")
+    hosts[0].inflight, hosts[1].inflight, hosts[2].inflight = 3, 1, 2
+    assert share(balancer, hosts, decide(balancer, hosts), picks=50) == [0.0, 1.0, 0.0]
+    hosts[0].inflight = hosts[2].inflight = 1
+    assert all(s > 0.2 for s in share(balancer, hosts, decide(balancer, hosts), picks=300))
+    d = decide(balancer, hosts, **{"X-Edge-Route": "round_robin"})
+    order = [balancer.pick(hosts, (), d) for _ in range(6)]
+    assert order[:3] == order[3:] and set(order) == set(hosts)
+    d = decide(balancer, hosts, **{"X-Edge-Route": "random"})
+    assert all(0.25 < s < 0.42 for s in share(balancer, hosts, d, picks=3000))
+
+
+def test_throughput_prefers_the_fastest_decoder():
+    balancer, hosts, clock = make(3, affinity=False, policy="throughput")
+    for host, rate in zip(hosts, (20.0, 80.0, 40.0), strict=True):
+        for _ in range(3):
+            clock.now += 0.1
+            usage = SimpleNamespace(completion_tokens=int(rate))
+            host.stats.record(0.1, False, clock.now, usage, duration_s=1.1)
+    low, high, mid = share(balancer, hosts, decide(balancer, hosts))
+    assert high > mid > low
+
+
+def test_price_uses_the_cheapest_tier_then_latency():
+    prices = {
+        "http://10.0.0.0:8000": {"input": 1, "output": 2},
+        "http://10.0.0.1:8000/": {"input": 0.5, "output": 1},
+        "http://10.0.0.2:8000": {"input": 1, "output": 0.5},
+    }
+    models = {"m": {"policy": "price", "prices": prices}}
+    balancer, hosts, clock = make(4, affinity=False, models=models)
+    shares = share(balancer, hosts, decide(balancer, hosts), picks=400)
+    assert shares[0] == shares[3] == 0.0 and shares[1] == pytest.approx(0.5, abs=0.1)
+    feed(hosts[1], 0.05, clock)
+    feed(hosts[2], 0.5, clock)
+    cheap_fast, cheap_slow = share(balancer, hosts, decide(balancer, hosts))[1:3]
+    assert cheap_fast == 1.0 and cheap_slow == 0.0  # two candidates: latency decides
+    # A retry still goes by price: the next tier is the unpriced host only after the priced.
+    d = decide(balancer, hosts)
+    assert balancer.pick(hosts, hosts[1:3], d) is hosts[0]
+
+
+def test_route_header_and_provider_sort():
+    balancer, hosts, _ = make(2, models={"m": {"policy": "random"}})
+    assert decide(balancer, hosts).policy == "random"
+    assert decide(balancer, hosts, **{"X-Edge-Route": "Price"}).policy == "price"
+    doc = {"model": "m", "provider": {"sort": "throughput"}}
+    assert decide(balancer, hosts, doc).policy == "throughput"
+    assert decide(balancer, hosts, {"provider": {"sort": "nonsense"}}).policy == "random"
+    with pytest.raises(BadRequest) as err:
+        decide(balancer, hosts, **{"X-Edge-Route": "fastest"})
+    assert "latency" in err.value.message
+
+
+def test_unroutable_hosts_are_skipped():
+    balancer, hosts, _ = make(2)
+    hosts[0].state, hosts[0].until = EJECTED, time.monotonic() + 600  # health.py ejected it
+    assert share(balancer, hosts, decide(balancer, hosts), picks=50) == [0.0, 1.0]
+    assert balancer.pick(hosts, [hosts[1]], decide(balancer, hosts)) is None
+    for i in range(20):  # nor does affinity send anything there
+        assert decide(balancer, hosts, {"user": f"u{i}"}).target in (None, hosts[1])
+
+
+# --- pins -----------------------------------------------------------------------------------
+
+
+def test_pin_goes_to_that_host_once_and_never_elsewhere():
+    balancer, hosts, _ = make(3)
+    d = decide(balancer, hosts, CHAT, **{"X-Edge-Server": "HTTP://10.0.0.2:8000/"})
+    assert d.pinned and d.affinity == "pinned" and d.target is hosts[2]
+    assert balancer.pick(hosts, (), d) is hosts[2]
+    assert balancer.pick(hosts, [hosts[2]], d) is None  # failed: no silent move
+    assert balancer.hedge_delay(hosts[2], hosts, d) is None
+    assert balancer.served(d, hosts[2], secure=False) is None  # a pin sets no cookie
+
+
+@pytest.mark.parametrize("pin", ["http://10.0.0.9:8000", "http://evil.example", "not a url", ""])
+def test_pin_to_anything_else_is_refused(pin):
+    balancer, hosts, _ = make(3)
+    with pytest.raises(BadRequest) as err:
+        decide(balancer, hosts, CHAT, **{"X-Edge-Server": pin})
+    assert err.value.status == 400 and err.value.code == "unknown_server"
+    assert pin not in err.value.message or not pin
+
+
+# --- affinity -------------------------------------------------------------------------------
+
+
+def cookie_of(set_cookie: str) -> str:
+    return set_cookie.split(";", 1)[0]
+
+
+def test_cookie_holds_its_host_and_the_key_decides_without_one():
+    balancer, hosts, _ = make(3)
+    first = decide(balancer, hosts, CHAT)
+    assert first.affinity == "key_hit" and first.key_kind == "prefix"
+    home = balancer.pick(hosts, (), first)
+    cookie = balancer.served(first, home, secure=False)
+    assert cookie is not None and "HttpOnly" in cookie
+    other = next(h for h in hosts if h is not home)
+    again = decide(
+        balancer, hosts, {"model": "m"}, Cookie=cookie_of(balancer.served(first, other, False))
+    )
+    assert again.affinity == "cookie_hit" and again.target is other
+
+
+def test_cookie_for_another_models_server_falls_back_to_the_key():
+    balancer, hosts, _ = make(3)
+    elsewhere = Host("http://10.9.9.9:8000")
+    d = decide(balancer, (elsewhere,), CHAT)
+    cookie = cookie_of(balancer.served(d, elsewhere, False))
+    d = decide(balancer, hosts, CHAT, Cookie=cookie)
+    assert d.affinity == "key_hit" and d.cookie_ids  # the other model's id is kept in the cookie
+    both = balancer.codec.decode(cookie_of(balancer.served(d, d.target, False)).split("=")[1], 0)
+    assert len(both) == 2
+
+
+def test_forged_cookie_is_ignored():
+    balancer, hosts, _ = make(3)
+    forged = "edge_affinity=" + "A" * 40
+    d = decide(balancer, hosts, {"model": "m"}, Cookie=forged)
+    assert d.affinity == "none" and d.cookie_ids == ()
+
+
+def test_bounded_load_moves_an_overloaded_home():
+    balancer, hosts, _ = make(3, load_factor=1.5)
+    d = decide(balancer, hosts, CHAT)
+    home = d.target
+    home.inflight = 4  # cap = ceil(1.5 x 5 / 3) = 3
+    moved = decide(balancer, hosts, CHAT)
+    assert moved.affinity == "moved" and moved.target is not home
+    cookie = cookie_of(balancer.served(d, home, False))
+    by_cookie = decide(balancer, hosts, CHAT, Cookie=cookie)
+    assert by_cookie.affinity == "moved" and by_cookie.target is None  # the policy decides
+    home.inflight = 0
+    assert decide(balancer, hosts, CHAT, Cookie=cookie).affinity == "cookie_hit"
+
+
+def test_a_failing_home_is_left_and_a_served_elsewhere_outcome_reads_moved():
+    balancer, hosts, clock = make(3)
+    d = decide(balancer, hosts, CHAT)
+    home = d.target
+    balancer.served(d, next(h for h in hosts if h is not home), False)
+    assert d.affinity == "moved"  # a retry served it
+    home.stats.record(None, True, clock.now)
+    assert decide(balancer, hosts, CHAT).target is not home
+    clock.now += 20
+    assert decide(balancer, hosts, CHAT).target is home
+
+
+def test_affinity_off_per_model_and_the_outcome_counts():
+    balancer, hosts, _ = make(3, models={"m": {"affinity": False}})
+    d = decide(balancer, hosts, CHAT)
+    assert d.affinity == "none" and d.target is None
+    assert balancer.served(d, hosts[0], False) is None
+    assert "none=1" in repr(balancer) and "decisions=1" in repr(balancer)
+
+
+def test_reload_keeps_a_drawn_secret_and_takes_a_configured_one(monkeypatch):
+    monkeypatch.delenv("EDGE_AFFINITY_SECRET", raising=False)
+    balancer, hosts, _ = make(3)
+    d = decide(balancer, hosts, CHAT)
+    cookie = cookie_of(balancer.served(d, hosts[1], False))
+    balancer.reconfigure(from_mapping({}).routing)  # a reload draws another secret: ignored
+    assert decide(balancer, hosts, CHAT, Cookie=cookie).affinity == "cookie_hit"
+    balancer.reconfigure(from_mapping({}, routing__cookie_secret="configured-secret-1234").routing)
+    assert decide(balancer, hosts, CHAT, Cookie=cookie).cookie_ids == ()
+
+
+# --- hedging --------------------------------------------------------------------------------
+
+
+def test_hedging_is_off_by_default_and_bounded_by_its_budget():
+    balancer, hosts, clock = make(3)
+    for _ in range(10):
+        hosts[0].stats.record(0.2, False, clock.now)
+    assert balancer.hedge_delay(hosts[0], hosts, decide(balancer, hosts)) is None
+    balancer, hosts, clock = make(3, hedging=True, hedge_budget=0.05, hedge_min_delay_s=0.5)
+    assert balancer.hedge_delay(hosts[0], hosts, decide(balancer, hosts)) is None  # no p95 yet
+    for _ in range(10):
+        hosts[0].stats.record(0.2, False, clock.now)
+    assert balancer.hedge_delay(hosts[0], hosts, decide(balancer, hosts)) == 0.5  # min delay
+    hedges = 0
+    for _ in range(400):
+        d = decide(balancer, hosts)
+        hedges += balancer.hedge_host(hosts, [hosts[0]], d) is not None
+    assert 18 <= hedges <= 21 and balancer.hedges == hedges
+
+
+def test_hedge_delay_is_the_hosts_p95_capped_at_four_medians():
+    balancer, hosts, clock = make(3, hedging=True, hedge_min_delay_s=0.01)
+    for _ in range(20):
+        hosts[0].stats.record(0.4, False, clock.now)  # slow, but always slow
+        hosts[1].stats.record(0.05, False, clock.now)
+    d = decide(balancer, hosts)
+    assert balancer.hedge_delay(hosts[0], hosts, d) == 0.4
+    for _ in range(6):
+        hosts[1].stats.record(1.5, False, clock.now)  # it stalled: its own p95 is its stalls
+    assert balancer.hedge_delay(hosts[1], hosts, d) == pytest.approx(0.2)
+    assert balancer.hedge_delay(hosts[2], hosts, d) is None  # unmeasured: no hedging yet
+
+
+def test_a_host_stuck_without_a_first_byte_is_avoided_while_it_stalls():
+    balancer, hosts, clock = make(2)
+    feed(hosts[0], 0.05, clock)
+    feed(hosts[1], 0.1, clock)
+    d = decide(balancer, hosts, {"model": "m"})
+    assert share(balancer, hosts, d, picks=100)[0] == 1.0  # fast, and nothing outstanding
+    token = hosts[0].stats.waiting(clock.now)  # one attempt sent, no first byte yet
+    clock.now += 0.3
+    assert hosts[0].stats.waited(clock.now) == pytest.approx(0.3)
+    assert share(balancer, hosts, d, picks=100)[0] == 0.0  # 0.3 s x 2 > 0.1 s x 1
+    clock.now += 0.3  # over 0.5 s: a session held there moves too
+    keyed = [decide(balancer, hosts, {"user": f"u{i}"}) for i in range(20)]
+    assert all(k.target is hosts[1] for k in keyed)
+    hosts[0].stats.answered(token)
+    assert hosts[0].stats.waited(clock.now) == 0.0
+    assert share(balancer, hosts, d, picks=100)[0] == 1.0
+
+
+# --- shared in-flight counts ----------------------------------------------------------------
+
+
+def test_shared_load_shows_each_worker_the_others_counts(tmp_path):
+    path = str(tmp_path / "load")
+    a, b = SharedLoad(path, rows=4, row=0), SharedLoad(path, rows=4, row=1)
+    try:
+        mine, theirs = Host("http://10.0.0.1:8000"), Host("http://10.0.0.1:8000")
+        mine.inflight, theirs.inflight = 2, 5
+        a.publish([mine])
+        b.publish([theirs])
+        a.publish([mine])
+        assert mine.stats.remote_inflight == 5 and theirs.stats.remote_inflight == 2
+        theirs.inflight = 0
+        b.publish([])  # the host left b's fleet: its count goes with it
+        a.publish([mine])
+        assert mine.stats.remote_inflight == 0
+    finally:
+        b.close()
+        a.close()
+    assert not (tmp_path / "load").exists()
+
+
+def test_shared_load_reaps_a_dead_workers_row(tmp_path):
+    path = str(tmp_path / "load")
+    child = textwrap.dedent(f"""
+        import sys
+        from edge.routing.fleet import Host
+        from edge.routing.stats import SharedLoad
+        shared = SharedLoad({path!r}, rows=4)
+        host = Host("http://10.0.0.1:8000")
+        host.inflight = 7
+        shared.publish([host])
+        print(shared.row, flush=True)
+        sys.stdin.read()
+    """)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        row = int(proc.stdout.readline())
+        ours = SharedLoad(path, rows=4, row=3)
+        host = Host("http://10.0.0.1:8000")
+        ours.publish([host])
+        assert host.stats.remote_inflight == 7 and row == 0
+        assert ours.reap() == 0  # alive: its lock holds
+        proc.kill()
+        proc.wait(timeout=10)
+        assert ours.reap() == 1
+        ours.publish([host])
+        assert host.stats.remote_inflight == 0
+        ours.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stdin.close()
+        proc.stdout.close()
+
+
+def test_sweep_removes_only_tables_of_supervisors_that_are_gone(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=10)
+    names = [
+        f"edge-load-{dead.pid}-8080",
+        f"edge-load-{os.getpid()}-8080",
+        "edge-load-x-1",
+        "other",
+    ]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert sweep(str(tmp_path)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
