@@ -3,9 +3,9 @@
 The source stays plain, mypy --strict typed Python; mypyc turns it into a C extension per module
 that runs the same code with native attribute access and direct calls, which takes about a third
 off the interpreter's work per request (loadtests/hotpath.py under callgrind). The modules that
-only set things up (app, cli, config, routing/discovery, routing/engines, access/redisconn,
-dev/mock) stay interpreted: they
-gain nothing per request and keep their dynamic tests simple.
+only set things up (app, cli, config, routing/discovery, routing/engines,
+access/redisconn, proxy/connections, dev/mock) stay interpreted: they gain nothing per request and
+keep their dynamic tests simple.
 
 EDGE_PURE=1 builds the pure-Python package (no compiler needed), and so does a machine without a C
 compiler or the Python headers; `make` installs editable and pure, then compiles in place with
@@ -23,23 +23,33 @@ from setuptools import setup
 
 # Everything a proxied request runs through, in data-path order.
 HOT = (
+    "dialects/__init__",
+    "dialects/errors",
     "http/server",
     "http/heads",
     "proxy/handler",
+    "proxy/exchange",
     "proxy/route",
     "access/auth",
     "access/keys",
     "access/ratelimit",
+    "access/metering",
     "routing/balance",
     "routing/affinity",
+    "routing/policies",
+    "routing/hedging",
     "routing/fleet",
     "routing/health",
+    "routing/plan",
+    "routing/attempt",
     "routing/stats",
+    "proxy/outbound",
     "proxy/forward",
     "http/client",
     "http/chunked",
     "proxy/relay",
-    "proxy/usage",
+    "observe/record",
+    "observe/families",
     "observe/metrics",
     "observe/accesslog",
 )

@@ -34,8 +34,10 @@ from edge.http.server import Limits, Server
 from edge.observe.accesslog import AccessLog
 from edge.observe.metrics import Metrics
 from edge.observe.metricshare import remove_shared
-from edge.proxy.forward import Forwarder, make_pool, make_session
+from edge.proxy.connections import make_pool, make_session
+from edge.proxy.forward import Forwarder
 from edge.proxy.handler import EdgeHandler, Lifecycle
+from edge.routing.attempt import Attempts
 from edge.routing.balance import Balancer
 from edge.routing.discovery import Discovery
 from edge.routing.engines import Scraper
@@ -57,9 +59,7 @@ class Worker:
         self.table = HostTable()
         self.session = make_session(config.upstream)
         self.pool = make_pool(config.upstream)  # proxied traffic only
-        self.metrics = Metrics(
-            lambda: self.view.fleet, config.metrics, is_up=lambda host: host.routable
-        )
+        self.metrics = Metrics(lambda: self.view.fleet, config.metrics)
         self.access = AccessLog(config.log)
         self.discovery = Discovery(
             config.discovery, config.static, self.table, self.view, self.session,
@@ -68,8 +68,10 @@ class Worker:
         self.health = Health(config.health, config.outlier, on_eject=self.metrics.ejected)
         self.prober = Prober(config.health, self.health, self.view, self.session)
         self.balancer = Balancer(config.routing)
+        # Every attempt's end is read once, into the host, health, statistics and metrics.
+        self.attempts = Attempts(self.health, listener=self.metrics.attempted)
         self.forwarder = Forwarder(
-            self.pool, self.balancer, self.metrics, config.upstream, self.health
+            self.pool, self.balancer, self.attempts, self.metrics, config.upstream
         )
         # Routing's helpers: engines' own /metrics (if configured), in-flight shared by workers.
         self.scraper = Scraper(config.routing, self.view, self.session)

@@ -1,8 +1,8 @@
 """The EdgeError family: every failure the edge answers itself.
 
 Exceptions are translated once, at the boundary where they happen (route parsing, the upstream
-call), into this small flat family. `server.py` renders them in the error shape of the API the
-client spoke; nothing else decides what a client sees.
+call), into this small flat family. `edge/dialects/errors.py` renders them in the error shape of
+the API the client spoke; nothing else decides what a client sees.
 """
 
 from __future__ import annotations

@@ -36,13 +36,14 @@ sys.path.insert(0, str(ROOT))
 
 from edge.access.auth import Gate, Keyring  # noqa: E402
 from edge.access.keys import FileBackend, FileKeys, Limits, RedisBackend, create_key  # noqa: E402
+from edge.access.metering import UsageMeter  # noqa: E402
 from edge.access.ratelimit import LocalLimiter, RedisLimiter  # noqa: E402
 from edge.access.redisconn import RedisLink  # noqa: E402
 from edge.config import AuthSettings  # noqa: E402
+from edge.dialects import OPENAI  # noqa: E402
 from edge.http.server import Connection, Fields, Request  # noqa: E402
-from edge.observe.metrics import Usage  # noqa: E402
-from edge.proxy.route import OPENAI, ProxyRequest  # noqa: E402
-from edge.proxy.usage import UsageMeter  # noqa: E402
+from edge.observe.record import Usage  # noqa: E402
+from edge.proxy.route import ProxyRequest  # noqa: E402
 from edge.routing.fleet import HostTable  # noqa: E402
 from loadtests.bench.closedloop import closed_loop  # noqa: E402
 from loadtests.bench.procfs import cpu_ns, split_cores, start_edge  # noqa: E402

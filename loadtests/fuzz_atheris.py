@@ -12,7 +12,7 @@ hypothesis's strategies):
   reference parser accepts, the output is well-formed HTTP/1.1, a complete or broken stream is
   answered or closed within a second, no exception reaches the loop, no error is logged, and
   every connection and handler is gone once the client has.
-- chunked: a chunked body in pieces to edge.chunked's `Chunks`, switched to raw mode at a
+- chunked: a chunked body in pieces to edge.http.chunked's `Chunks`, switched to raw mode at a
   boundary (the body of `test_chunks_hand_on_only_checked_framing`): decoded data equal to the
   reference decoder's, raw mode never hands on a byte it did not check.
 - upstream: a host's answer, in pieces and ended by a close, a reset or silence, to

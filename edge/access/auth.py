@@ -27,14 +27,15 @@ import orjson
 from prometheus_client import CollectorRegistry
 
 from edge.access.keys import FileKeys, KeyRecord, KeyWatcher, Limits, RedisKeys, digest, key_id
+from edge.access.metering import UsageMeter
 from edge.access.ratelimit import Grant, LocalLimiter, RedisLimiter
 from edge.access.redisconn import RedisLink
 from edge.config import AuthSettings, ConfigError
+from edge.dialects import ANTHROPIC, GEMINI
 from edge.errors import Forbidden, TooManyRequests, Unauthorized, Unavailable
 from edge.http.server import Reply, Request
-from edge.observe.metrics import Usage
-from edge.proxy.route import ANTHROPIC, GEMINI, ProxyRequest
-from edge.proxy.usage import UsageMeter
+from edge.observe.record import Usage
+from edge.proxy.route import ProxyRequest
 from edge.routing.fleet import Host, normalise_url
 
 log = logging.getLogger("edge.auth")

@@ -37,7 +37,9 @@ _MAX_TRAILER: Final = 16384
 HOLD_MAX: Final = 65536
 
 
-class Malformed(ValueError):
+class BadChunk(ValueError):
+    """The chunked framing is broken (RFC 9112 7.1): the body cannot be read past `good`."""
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.good = b""  # what came before the bad framing: checked, still to hand on
@@ -73,7 +75,7 @@ class Chunks:
 
     def feed(self, data: bytes, raw: bool) -> bytes:
         """What of `data` to hand on: `raw`, the bytes as they came (framing and all) in whole
-        chunks, up to the last chunk; else the chunk data alone. Raises Malformed, with the
+        chunks, up to the last chunk; else the chunk data alone. Raises BadChunk, with the
         good part before the bad framing in `good`; nothing of the bad part is ever returned."""
         if len(self.held):
             data = self.held + data
@@ -104,7 +106,7 @@ class Chunks:
                     if n - i < 2:
                         break  # hold the CR back until its LF is here
                     if data[i] != 13 or data[i + 1] != 10:
-                        raise Malformed("no CRLF after a chunk's data")
+                        raise BadChunk("no CRLF after a chunk's data")
                     i += 2
                     if raw:
                         self.framing += 2
@@ -113,7 +115,7 @@ class Chunks:
                     eol, size = _size_line(data, i)
                     if eol < 0:
                         if n - i > _MAX_LINE:
-                            raise Malformed("chunk size line too long")
+                            raise BadChunk("chunk size line too long")
                         break
                     line_at = i
                     if size == 0:
@@ -128,7 +130,7 @@ class Chunks:
                     eol = data.find(b"\r\n", i)
                     if eol < 0:
                         if n - i > _MAX_LINE:
-                            raise Malformed("trailer field too long")
+                            raise BadChunk("trailer field too long")
                         break
                     if eol == i:  # the empty line: the body is over
                         self.state = DONE
@@ -139,12 +141,12 @@ class Chunks:
                     self.trailer += eol + 2 - i
                     bad = eol - i > _MAX_LINE or b":" not in data[i:eol]
                     if self.trailer > _MAX_TRAILER or bad:
-                        raise Malformed("bad trailer section")
+                        raise BadChunk("bad trailer section")
                     i = eol + 2
                 else:  # DONE
                     self.extra = True
                     return b""
-        except Malformed as exc:
+        except BadChunk as exc:
             if raw:
                 exc.good = self._raw(data, i, line_at)
             else:
@@ -180,7 +182,7 @@ class Chunks:
 
 def _size_line(data: bytes, start: int) -> tuple[int, int]:
     """(where the CRLF ending the size line at `start` is, the size), or (-1, 0) while the line
-    is not whole. Hex digits, then optional extensions; raises Malformed."""
+    is not whole. Hex digits, then optional extensions; raises BadChunk."""
     n = len(data)
     size, i = 0, start
     while i < n:
@@ -190,31 +192,31 @@ def _size_line(data: bytes, start: int) -> tuple[int, int]:
         size = size * 16 + digit
         i += 1
     if i - start > 16:
-        raise Malformed("bad chunk size")
+        raise BadChunk("bad chunk size")
     if i >= n:
         return -1, 0
     if i == start:
-        raise Malformed("bad chunk size")
+        raise BadChunk("bad chunk size")
     if data[i] == 13:  # the usual line: just the size
         if i + 1 >= n:
             return -1, 0
         if data[i + 1] != 10:
-            raise Malformed("bad chunk size")
+            raise BadChunk("bad chunk size")
         return i, size
     eol = data.find(b"\r\n", i)
     if eol < 0:
         return -1, 0
     if eol - start > _MAX_LINE:  # refused whole as it is in pieces (`feed`)
-        raise Malformed("chunk size line too long")
+        raise BadChunk("chunk size line too long")
     # chunk-ext: BWS ";" ...; nothing a lenient client could read as a line end
     while i < eol and (data[i] == 32 or data[i] == 9):
         i += 1
     if i == eol or data[i] != 59:  # ';'
-        raise Malformed("bad chunk size")
+        raise BadChunk("bad chunk size")
     for k in range(i, eol):
         c = data[k]
         if (c < 32 and c != 9) or c > 126:
-            raise Malformed("bad chunk extension")
+            raise BadChunk("bad chunk extension")
     return eol, size
 
 

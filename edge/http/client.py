@@ -12,7 +12,10 @@ Theory of operation: a `_Conn` is an asyncio Protocol owning one socket and one 
 takes an idle connection (or opens one), writes the request, and waits for the response head. The
 `UpstreamResponse` it returns buffers body pieces as the parser emits them; `readany()` hands
 over everything buffered at once. Past `_HIGH_WATER` buffered bytes the socket stops being read
-until the relay catches up, so a slow client slows the upstream instead of growing memory.
+until the reader catches up. A relay hands the rest of a body on with `pipe()` instead: the
+`BodyPipe` it returns gets each piece from the connection's parser and passes it to the client's
+socket, and the client's flow control pauses the upstream socket through it, so a slow client
+slows the upstream instead of growing memory.
 A connection goes back to the pool only after its response was read to the end and both sides
 allow keep-alive; any other ending closes it, and so do bytes past the end of a body (with it, or
 while the connection idles in the pool): read later, they would pass for the next answer.
@@ -21,7 +24,7 @@ Bounds, each named in [upstream]: a head over `max_head_bytes` (interim 1xx head
 bad answer; a request waits at most `pool_timeout_s` for a slot of an origin whose
 `max_connections_per_server` are all busy (PoolFull: the forwarder moves on, the server is not
 blamed); a body gap over `read_timeout` fails the body, but only while the edge is reading: a
-pause asked by a lagging client stops that clock (`UpstreamResponse.pause_reading`).
+pause asked by a lagging client stops that clock (`BodyPipe.pause_reading`).
 
 A pooled connection the server already closed (llama.cpp's server closes after each stream) fails
 before a single response byte arrives: that is retried at once on a fresh connection and never
@@ -123,13 +126,14 @@ def _is_ip(host: str) -> bool:
 
 
 class UpstreamResponse:
-    """The head of an upstream response and a reader for its body."""
+    """An upstream response: its head, and its body, read here (`readany`, buffered as the parser
+    emits it) or handed on as it arrives through a `BodyPipe` (`pipe`). Owns the connection
+    until `close`, and the timers that fail the body: a gap while read (`read_timeout`), the
+    total (`set_deadline`)."""
 
     __slots__ = (
-        "status", "reason", "_headers", "block", "head", "read_timeout", "piped",
-        "last", "prev", "raw", "chunks",
+        "status", "reason", "_headers", "block", "head", "read_timeout", "chunks", "piping",
         "_conn", "_loop", "_buf", "_size", "_eof", "_exc", "_waiter", "_paused", "_deadline",
-        "_sink", "_ended", "_fed_at", "_idle", "_lagging",
     )  # fmt: skip
 
     def __init__(
@@ -141,6 +145,10 @@ class UpstreamResponse:
         self.head = head  # what the relay needs of them (edge/http/heads.py)
         self._headers: CIMultiDict[str] | None = None
         self.read_timeout = 60.0
+        self.chunks: chunked.Chunks | None = None  # the reader of a chunked body
+        # The pipe, once `pipe` began: what went through it stays readable after a failure,
+        # until `close`.
+        self.piping: BodyPipe | None = None
         self._conn = conn
         self._loop = conn.loop
         self._buf: list[bytes] = []
@@ -148,18 +156,8 @@ class UpstreamResponse:
         self._eof = False
         self._exc: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._paused = False
+        self._paused = False  # reading stopped: `_buf` is over _HIGH_WATER
         self._deadline: asyncio.TimerHandle | None = None
-        # pipe mode (see `pipe`)
-        self._sink: Callable[[bytes], None] | None = None
-        self._ended: asyncio.Future[None] | None = None
-        self._idle: asyncio.TimerHandle | None = None
-        self._fed_at = 0.0
-        self._lagging = False  # the client's flow control paused reading (see pause_reading)
-        self.piped = 0  # bytes handed to the sink
-        self.last = self.prev = b""  # the last two pieces piped, where a stream's usage is
-        self.chunks: chunked.Chunks | None = None  # the reader of a chunked body
-        self.raw = False  # piping the chunked framing as it came (see `pipe`)
 
     @property
     def headers(self) -> CIMultiDict[str]:
@@ -202,88 +200,29 @@ class UpstreamResponse:
 
     def pipe(
         self, sink: Callable[[bytes], None], raw_sink: Callable[[bytes], None] | None = None
-    ) -> asyncio.Future[None]:
+    ) -> BodyPipe:
         """From now on every body piece goes to `sink` as the parser emits it, with no task
-        switch per piece; the future ends with the body (UpstreamError if it broke). Reads
-        pause and resume through `pause_reading`/`resume_reading` (the client's flow control),
-        and a gap longer than `read_timeout` while reading fails the body.
+        switch per piece: what was buffered at once, the rest through the `BodyPipe` returned,
+        whose `ended` ends with the body (UpstreamError if it broke). A gap longer than
+        `read_timeout` while reading fails the body; the pipe's `pause_reading` stops both.
 
         `raw_sink`, for a client whose body is chunked too: a chunked body (between chunks
         now) then goes there as the bytes that arrived, framing and all, in whole chunks (a
         chunk a read ends inside waits for the rest: edge/http/chunked.py), up to its last chunk
-        (`raw` tells which happened); what was buffered before goes to `sink`."""
-        loop = self._loop
-        self._ended = ended = loop.create_future()
+        (the pipe's `raw` tells which happened); what was buffered before goes to `sink`."""
+        pipe = self.piping = BodyPipe(self, sink)
         if self._buf:
-            data = self._take()
-            self._record(data)
-            sink(data)
+            pipe.feed(self._take())
         if self._exc is not None or self._eof:
-            self._settle()
-            return ended
+            pipe.settle(self._exc)
+            return pipe
         chunks = self.chunks
         if raw_sink is not None and chunks is not None and chunks.at_boundary:
-            self.raw = True
-            sink = raw_sink
-        self._sink = sink
-        self._fed_at = _now()
-        if not self._lagging:
-            self._idle = loop.call_later(self.read_timeout, self._idle_check)
-        return ended
-
-    @property
-    def body_piped(self) -> int:
-        """Body bytes handed to the sink (raw pieces hold framing too)."""
-        chunks = self.chunks
-        return self.piped - chunks.framing if self.raw and chunks is not None else self.piped
-
-    def _record(self, data: bytes) -> None:
-        self.piped += len(data)
-        self.prev, self.last = self.last, data
-
-    def _idle_check(self) -> None:
-        # One timer per gap instead of one per piece: re-armed for what is left of the gap.
-        left = self._fed_at + self.read_timeout - _now()
-        if left > 0:
-            self._idle = self._loop.call_later(left, self._idle_check)
-        else:
-            self._idle = None
-            self._timed_out()
-
-    def _settle(self) -> None:
-        ended = self._ended
-        self._sink = None
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-        if ended is None or ended.done():
-            return
-        if self._exc is not None:
-            ended.set_exception(self._exc)
-        else:
-            ended.set_result(None)
-
-    def pause_reading(self) -> None:
-        """The client lags: stop reading the server, and stop the idle clock with it. Silence
-        while the edge is not reading is the client's pause, not the server's stall; timed, it
-        would fail a healthy stream and count against its server (aiohttp's client_proto stops
-        its read timer the same way). The total deadline, if any, still runs."""
-        self._lagging = True
-        idle = self._idle
-        if idle is not None:
-            idle.cancel()
-            self._idle = None
-        if self._conn is not None:
-            self._conn.pause_reading()
-
-    def resume_reading(self) -> None:
-        """The client caught up: read again, and the idle clock starts afresh."""
-        self._lagging = False
-        if self._sink is not None and self._idle is None:
-            self._fed_at = _now()
-            self._idle = self._loop.call_later(self.read_timeout, self._idle_check)
-        if self._conn is not None:
-            self._conn.resume_reading()
+            pipe.raw = True
+            pipe.sink = raw_sink
+        pipe.arm()
+        self._conn.pipe = pipe
+        return pipe
 
     def set_deadline(self, seconds: float) -> None:
         """Fail the body (and close the connection) `seconds` from now unless it ended."""
@@ -305,12 +244,10 @@ class UpstreamResponse:
         """Give the connection back when the body was read to the end; otherwise close it."""
         if self._deadline is not None:
             self._deadline.cancel()
-        if self._ended is not None:
-            self._sink = None
-            if self._idle is not None:
-                self._idle.cancel()
-            if not self._ended.done():
-                self._ended.cancel()
+        pipe = self.piping
+        if pipe is not None:
+            pipe.cancel()
+            self.piping = None  # the pipe refers back: no cycle left for the collector
         conn, self._conn = self._conn, None  # type: ignore[assignment]
         if conn is not None:
             conn.finish(reusable=self._eof and self._exc is None)
@@ -344,13 +281,8 @@ class UpstreamResponse:
             waiter.set_result(None)
 
     def feed(self, data: bytes) -> None:
-        sink = self._sink
-        if sink is not None:
-            self._fed_at = _now()
-            self.piped += len(data)
-            self.prev, self.last = self.last, data
-            sink(data)
-            return
+        """A body piece while nobody pipes: buffered (a pipe gets its pieces from the
+        connection directly, `_Conn.pipe`)."""
         self._buf.append(data)
         self._size += len(data)
         if self._size > _HIGH_WATER and not self._paused:
@@ -360,19 +292,130 @@ class UpstreamResponse:
 
     def feed_eof(self) -> None:
         self._eof = True
-        if self._ended is not None:
-            self._settle()
+        if self.piping is not None:
+            self.piping.settle(None)
         self._wake()
 
     def _fail(self, exc: UpstreamError) -> None:
         if not self._eof and self._exc is None:
             self._exc = exc
-        if self._ended is not None:
-            self._settle()
+        if self.piping is not None:
+            self.piping.settle(self._exc)
         self._wake()
 
     def __repr__(self) -> str:
         return f"<UpstreamResponse {self.status} buffered={self._size} eof={self._eof}>"
+
+
+class BodyPipe:
+    """A response body on its way to a sink (the client's connection) as the parser emits it,
+    made by `UpstreamResponse.pipe`. It is the client connection's `source` while it runs: the
+    client's flow control pauses the upstream socket through it, and stops its idle clock too.
+    What it handed on stays readable once it ended, for the relay's end of a failed stream: the
+    bytes (`piped`, `body_piped`), the last two pieces, whether the framing went raw."""
+
+    __slots__ = (
+        "response", "sink", "ended", "raw", "chunks", "piped", "last", "prev", "timeout",
+        "fed_at", "_idle", "_lagging",
+    )  # fmt: skip
+
+    def __init__(self, response: UpstreamResponse, sink: Callable[[bytes], None]) -> None:
+        self.response = response
+        self.sink = sink
+        self.ended: asyncio.Future[None] = response._loop.create_future()  # with the body
+        self.raw = False  # the sink gets the chunked framing as it came (see `pipe`)
+        self.chunks = response.chunks
+        self.piped = 0  # bytes handed to the sink
+        self.last = self.prev = b""  # the last two pieces piped, where a stream's usage is
+        self.timeout = response.read_timeout  # the longest gap while reading
+        self.fed_at = 0.0  # when the server last sent bytes (the idle clock)
+        self._idle: asyncio.TimerHandle | None = None
+        # The client's flow control paused reading (independent of whether the body goes on).
+        self._lagging = False
+
+    @property
+    def body_piped(self) -> int:
+        """Body bytes handed to the sink (raw pieces hold framing too)."""
+        chunks = self.chunks
+        return self.piped - chunks.framing if self.raw and chunks is not None else self.piped
+
+    def feed(self, data: bytes) -> None:
+        """A piece of the body, from the connection's parser (or chunked reader): the hot path."""
+        self.fed_at = _now()
+        self.piped += len(data)
+        self.prev, self.last = self.last, data
+        self.sink(data)
+
+    def arm(self) -> None:
+        """Start the idle clock (unless the client lags already)."""
+        self.fed_at = _now()
+        if not self._lagging and self._idle is None:
+            self._idle = self.response._loop.call_later(self.timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        # One timer per gap instead of one per piece: re-armed for what is left of the gap.
+        left = self.fed_at + self.timeout - _now()
+        if left > 0:
+            self._idle = self.response._loop.call_later(left, self._idle_check)
+        else:
+            self._idle = None
+            self.response._timed_out()
+
+    def pause_reading(self) -> None:
+        """The client lags: stop reading the server, and stop the idle clock with it. Silence
+        while the edge is not reading is the client's pause, not the server's stall; timed, it
+        would fail a healthy stream and count against its server (aiohttp's client_proto stops
+        its read timer the same way). The total deadline, if any, still runs."""
+        self._lagging = True
+        self._stop_clock()
+        conn = self.response._conn
+        if conn is not None:
+            conn.pause_reading()
+
+    def resume_reading(self) -> None:
+        """The client caught up: read again, and the idle clock starts afresh."""
+        self._lagging = False
+        if not self.ended.done():
+            self.arm()
+        conn = self.response._conn
+        if conn is not None:
+            conn.resume_reading()
+
+    def stop(self) -> None:
+        """End the body now (the drain's deadline): see `UpstreamResponse.stop`."""
+        self.response.stop()
+
+    def settle(self, exc: UpstreamError | None) -> None:
+        """The body ended (`exc` None) or broke: nothing more goes to the sink."""
+        self._unhook()
+        ended = self.ended
+        if ended.done():
+            return
+        if exc is not None:
+            ended.set_exception(exc)
+        else:
+            ended.set_result(None)
+
+    def cancel(self) -> None:
+        """The response is closed before the body ended: nobody waits for it any more."""
+        self._unhook()
+        if not self.ended.done():
+            self.ended.cancel()
+
+    def _unhook(self) -> None:
+        self._stop_clock()
+        conn = self.response._conn
+        if conn is not None and conn.pipe is self:
+            conn.pipe = None
+
+    def _stop_clock(self) -> None:
+        idle = self._idle
+        if idle is not None:
+            idle.cancel()
+            self._idle = None
+
+    def __repr__(self) -> str:
+        return f"<BodyPipe piped={self.piped} raw={self.raw} ended={self.ended.done()}>"
 
 
 class _Conn(asyncio.Protocol):
@@ -387,6 +430,7 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.chunks: chunked.Chunks | None = None  # reading a chunked body (not the parser)
         self.response: UpstreamResponse | None = None
+        self.pipe: BodyPipe | None = None  # where the body goes, while the response's pipe runs
         self.waiter: asyncio.Future[UpstreamResponse] | None = None
         # Bytes of the response head, gathered until the parser has it all: the piece that
         # brought it (the usual case, no copy), or a bytearray once it spans pieces.
@@ -461,20 +505,24 @@ class _Conn(asyncio.Protocol):
         if response is None:  # bytes after a body that was read to its end
             self.abort()
             return
+        pipe = self.pipe
         try:
-            out = chunks.feed(data, response.raw)
-        except chunked.Malformed as exc:
+            out = chunks.feed(data, pipe is not None and pipe.raw)
+        except chunked.BadChunk as exc:
             if exc.good:
-                response.feed(exc.good)
+                self.on_body(exc.good)
             self._broken(Malformed("malformed chunked body from the server"))
             self.abort()
             return
         if len(out):
-            response.feed(out)
-        else:
+            if pipe is not None:
+                pipe.feed(out)
+            else:
+                response.feed(out)
+        elif pipe is not None:
             # Bytes came all the same (a chunk held until it is whole, a line not whole yet):
-            # the server is not idle, so the idle clock (`pipe`) starts again.
-            response._fed_at = _now()
+            # the server is not idle, so the idle clock starts again.
+            pipe.fed_at = _now()
         if chunks.done:
             response.feed_eof()
 
@@ -558,7 +606,11 @@ class _Conn(asyncio.Protocol):
             waiter.set_result(self.response)
 
     def on_body(self, body: bytes) -> None:
-        if self.response is not None:
+        # Straight to the pipe when one runs: no call in between on the per-piece path.
+        pipe = self.pipe
+        if pipe is not None:
+            pipe.feed(body)
+        elif self.response is not None:
             self.response.feed(body)
 
     def on_message_complete(self) -> None:
@@ -576,6 +628,7 @@ class _Conn(asyncio.Protocol):
         assert self.transport is not None
         self.waiter = self.loop.create_future()
         self.response = None
+        self.pipe = None
         if self.chunks is not None:  # the parser stopped at the last head: a fresh one
             self.chunks = None
             self.parser = httptools.HttpResponseParser(self)
@@ -588,6 +641,7 @@ class _Conn(asyncio.Protocol):
     def finish(self, reusable: bool) -> None:
         self.waiter = None
         self.response = None
+        self.pipe = None
         chunks = self.chunks
         if chunks is not None and chunks.extra:
             reusable = False  # bytes after the end of the body: this server is not to be trusted
@@ -664,7 +718,7 @@ class UpstreamPool:
         connect_timeout_s: float | None = None,
     ) -> UpstreamResponse:
         """Send one POST and wait (up to `head_timeout_s`) for the response head. `headers`
-        is a block of "Name: value\r\n" lines (`render_headers`)."""
+        is a block of "Name: value\r\n" lines (`heads.render`)."""
         origin = self._origins.get(base_url)
         if origin is None:
             origin = self._origins[base_url] = _Origin(base_url, self.ssl_context)
@@ -859,20 +913,6 @@ def _expire(conn: _Conn, waiter: asyncio.Future[UpstreamResponse]) -> None:
 
 def _strerror(exc: OSError | None) -> str:
     return (exc.strerror if exc is not None else None) or "error"
-
-
-def render_headers(headers: list[tuple[str, str]]) -> bytes:
-    """ "Name: value\r\n" lines; a name or value carrying a line break is refused (it would
-    smuggle a header or a second request)."""
-    block = "".join([f"{name}: {value}\r\n" for name, value in headers])
-    data = block.encode("utf-8", "surrogateescape")
-    check_lines(data, len(headers))
-    return data
-
-
-def check_lines(block: bytes, lines: int) -> None:
-    if block.count(b"\n") != lines or block.count(b"\r") != lines:
-        raise Malformed("a request header contains a line break")
 
 
 def _request_bytes(origin: _Origin, target: str, headers: bytes, body: bytes) -> bytes:

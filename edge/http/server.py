@@ -31,10 +31,12 @@ two rare phases (after an early answer) have a timer of their own:
   WAIT   nothing: a body behind `Expect: 100-continue`, not asked for yet   (the handler's)
   DRAIN  an answered body's unread rest   linger_s, max_discard_bytes           close
   DROP   anything: nothing more parsed    max_discard_bytes; then linger_s      close
+  EOF    nothing more: its FIN came while refused input is answered     close after the answer
 
 A failed request (a malformed chunked body, a body too slow or over max_body_bytes) is still its
 handler's to answer: `Request.read()` raises the error, and the handler renders it in the dialect
-the client speaks. Input outside any request (a bad head) is answered here, in OpenAI's shape.
+the client speaks. Input outside any request (a bad head) is answered here, in OpenAI's shape
+(edge/dialects/errors.py renders every error body).
 A connection closed while the client may still be sending (an answer given before the body was
 read, refused input) closes as nginx's lingering_close does: FIN after the answer, then what
 still arrives is read and dropped for at most linger_s and max_discard_bytes, so that the
@@ -55,9 +57,10 @@ from typing import Final, Protocol, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import httptools
-import orjson
 from multidict import CIMultiDict
 
+from edge.dialects import OPENAI, dialect_of
+from edge.dialects.errors import error_json
 from edge.errors import BadRequest, EdgeError, PayloadTooLarge, RequestTimeout
 from edge.http.heads import Seen
 
@@ -74,13 +77,37 @@ _REASONS = {
     503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
 }  # fmt: skip
 _NO_BODY: Final = frozenset({204, 304})
-# What the client is sending (see the table above); ordered: DROP is the one not parsed.
+# What the client is sending (`Connection._state`, the table above); ordered: from DROP on,
+# nothing is parsed.
+#   IDLE -> HEAD -> BODY | WAIT -> IDLE   a request (WAIT -> BODY when its body is asked for)
+#   BODY -> DRAIN -> IDLE                 answered before its body was read: the rest dropped
+#   any -> DROP -> EOF                    input refused, or a lingering close; then the
+#                                         client's FIN while a refused request is still
+#                                         answered (the close follows the answer, no lingering)
 _IDLE: Final = 0
 _HEAD: Final = 1
 _BODY: Final = 2
 _WAIT: Final = 3
 _DRAIN: Final = 4
 _DROP: Final = 5
+_EOF: Final = 6
+_STATES: Final = ("IDLE", "HEAD", "BODY", "WAIT", "DRAIN", "DROP", "EOF")  # for repr
+# The response being written (`Connection._response`), reset at each request's turn:
+#   NONE -> SIZED | CHUNKED | UNTIL_CLOSE (`start`: the head and the framing of the body that
+#   follows) -> ENDED (`end`); NONE -> ENDED (`respond`: a whole answer in one write, or `start`
+#   with a status that has no body). A handler that returns before ENDED gets its connection
+#   aborted (`_next`): the client could not tell a cut answer from a whole one otherwise.
+_NONE: Final = 0
+_SIZED: Final = 1  # Content-Length: nothing may follow the body's last byte
+_CHUNKED: Final = 2  # `write` frames each piece; `write_raw` takes pieces framed already
+_UNTIL_CLOSE: Final = 3  # an HTTP/1.0 client: the body ends where the connection does
+_ENDED: Final = 4
+_RESPONSES: Final = ("NONE", "SIZED", "CHUNKED", "UNTIL_CLOSE", "ENDED")
+# The connection (`Connection._life`): OPEN -> CLOSING -> CLOSED, or OPEN -> CLOSED.
+_OPEN: Final = 0  # requests go on after each answer (keep-alive)
+_CLOSING: Final = 1  # the answer being written said `Connection: close`: none follows it
+_CLOSED: Final = 2  # the transport is gone (connection_lost): writes are dropped
+_LIVES: Final = ("OPEN", "CLOSING", "CLOSED")
 _NO_CAP: Final = 1 << 62  # a Content-Length body: llhttp counts it, nothing to bound here
 
 
@@ -106,7 +133,7 @@ class Limits:
         return max(0.01, min(1.0, shortest / 4))
 
 
-class Source(Protocol):
+class BodySource(Protocol):
     """What feeds a response from elsewhere (an upstream socket), paused while the client lags."""
 
     def pause_reading(self) -> None: ...
@@ -124,7 +151,7 @@ class Reply:
     body: bytes
     status: int = 200
     content_type: str = "application/json"
-    headers: bytes = b""  # extra rendered "Name: value\r\n" lines
+    headers: bytes = b""  # extra "Name: value\r\n" lines, rendered by heads.render
 
 
 class Fields:
@@ -160,7 +187,7 @@ class Request:
     __slots__ = (
         "method", "target", "path", "query_string", "fields", "headers", "raw_headers",
         "version", "keep_alive", "conn", "body", "_chunks", "_size", "_complete", "_waiter",
-        "_limit", "_too_large", "_expect", "_length", "_dropping", "_error",
+        "_limit", "_too_large", "_expect", "_length", "_dropping", "_error", "_dispatched",
     )  # fmt: skip
 
     def __init__(
@@ -189,6 +216,7 @@ class Request:
         self._expect = fields.expect
         self._dropping = False
         self._error: EdgeError | None = None  # the body failed: read() raises it
+        self._dispatched = False  # handed to its handler (or queued for it)
 
     @property
     def remote(self) -> str:
@@ -408,30 +436,25 @@ class Connection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.queue: collections.deque[Request] = collections.deque()
         self.request: Request | None = None  # the one being parsed
-        self.source: Source | None = None  # what feeds the current response, if anything
-        self.closed = False
+        self.source: BodySource | None = None  # what feeds the current response, if anything
         self.last_active = time.monotonic()
         self._url = b""
         self._raw: list[tuple[bytes, bytes]] = []
         self._length: bytes | None = None  # the Content-Length field, apart from the others
         self._since = 0  # bytes received since the current message began (or more)
         self._cap = server.head_cap  # `_since` past this: the message is looked at closer
-        self._state = _IDLE
+        self._state = _IDLE  # what the client is sending (the table above)
+        self._response = _NONE  # the response being written
+        self._life = _OPEN
         self._at = 0.0  # when the current phase (HEAD, BODY) began
         self._dropped = 0  # bytes dropped since parsing stopped (DROP)
         self._timer: asyncio.TimerHandle | None = None  # DRAIN's or the lingering close's end
-        self._eof = False  # the client's FIN came while a refused request was still answered
         self._refusal: tuple[int, str] | None = None  # answered once the requests before it are
-        self._dispatched = False
+        # Flow control, two dimensions apart from the states: the edge stopped reading the
+        # client (requests queued), and the client's socket buffer is full (writes wait).
         self._paused_reading = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
-        # the response being written
-        self._started = False
-        self._chunked = False
-        self._sized = False  # the body `start` began is framed by Content-Length
-        self._ended = False
-        self._keep = True
 
     @property
     def idle(self) -> bool:
@@ -454,7 +477,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         now = self.last_active = time.monotonic()
         state = self._state
-        if state == _DROP:
+        if state >= _DROP:
             self._discard(len(data))
             return
         if state == _IDLE:
@@ -477,12 +500,12 @@ class Connection(asyncio.Protocol):
         # must free its upstream now, and clients that half-close and still read are rare. One
         # exception: refused input whose answer (400, 413) is still on its way gets it.
         if self._state == _DROP and self.task is not None:
-            self._eof = True
+            self._state = _EOF
             return True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        self._life = _CLOSED
         self.server.forget(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -571,14 +594,13 @@ class Connection(asyncio.Protocol):
         request._done()
         if request._dropping:
             self._drained()
-        if not self._dispatched:
+        if not request._dispatched:
             self._dispatch(request)
-        self._dispatched = False
 
     # --- dispatch ---------------------------------------------------------------------------
 
     def _dispatch(self, request: Request) -> None:
-        self._dispatched = True
+        request._dispatched = True
         self.server.requests += 1
         if self.task is None:
             self._start(request)
@@ -589,7 +611,7 @@ class Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _start(self, request: Request) -> None:
-        self._started = self._chunked = self._sized = self._ended = False
+        self._response = _NONE
         self.task = self.loop.create_task(self._run(request))
 
     async def _run(self, request: Request) -> None:
@@ -599,34 +621,35 @@ class Connection(asyncio.Protocol):
             self.task = None
             self.abort()
             raise
-        except (
-            EdgeError
-        ) as err:  # one its handler let through (edge/proxy/handler.py renders its own)
-            if not self._started:
-                self.respond(request, err.status, _error_json(err.message, err.kind))
+        except EdgeError as err:  # one its handler let through (the proxy renders its own)
+            if self._response == _NONE:
+                dialect = dialect_of(request.path)
+                body = error_json(err.status, err.message, err.kind, dialect, err.param, err.code)
+                self.respond(request, err.status, body)
             else:
                 self.abort()
         except Exception:
             log.exception("unhandled error in a request handler")
-            if not self._started:
-                self.respond(request, 500, _error_json("Internal error.", "server_error"))
+            if self._response == _NONE:
+                body = error_json(500, "Internal error.", "server_error", dialect_of(request.path))
+                self.respond(request, 500, body)
             else:
                 self.abort()
         self.task = None
         self._next(request)
 
     def _next(self, done: Request) -> None:
-        if not self._ended:
+        if self._response != _ENDED:
             self.abort()  # the handler left its response unfinished
             return
-        if not (done.keep_alive and self._keep) or self.server.closing:
+        if not (done.keep_alive and self._life == _OPEN) or self.server.closing:
             self._end()
             return
         if not done._complete:  # answered without reading all of its body: it is dropped
             self._start_drain(done)
         self.last_active = time.monotonic()
         if self.queue:
-            if self._paused_reading and self.transport is not None and not self.closed:
+            if self._paused_reading and self.transport is not None and self._life != _CLOSED:
                 self._paused_reading = False
                 self.transport.resume_reading()
             self._start(self.queue.popleft())
@@ -643,15 +666,16 @@ class Connection(asyncio.Protocol):
         self, request: Request, status: int, body: bytes, content_type: str = "application/json",
         headers: bytes = b"",
     ) -> None:  # fmt: skip
-        """A whole response in one write. `headers`: extra rendered "Name: value\\r\\n" lines."""
+        """A whole response in one write. `headers`: extra "Name: value\\r\\n" lines (rendered
+        by heads.render: nothing here looks inside them)."""
         head = (
             b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n%b"
             % (status, _reason(status).encode(), content_type.encode("latin-1"), len(body),
                self.server.date().encode(), headers)
         )  # fmt: skip
-        self._started = self._ended = True
+        self._response = _ENDED
         if not self._goes_on(request):
-            self._keep = False
+            self._life = _CLOSING
             head += b"Connection: close\r\n"
         if request.method == "HEAD":
             body = b""
@@ -663,30 +687,30 @@ class Connection(asyncio.Protocol):
     ) -> None:  # fmt: skip
         """The head and the first piece of a relayed body, in one write. `length` None frames
         the body chunked (or by closing, for an HTTP/1.0 client); `end()` finishes it."""
-        self._started = True
         head = b"HTTP/1.1 %d %s\r\n%b" % (status, reason.encode("latin-1", "replace"), headers)
         keep = self._goes_on(request)
         if status in _NO_BODY:
-            self._ended = True
+            self._response = _ENDED
         elif length is not None:
-            self._sized = True
+            self._response = _SIZED
             head += b"Content-Length: %d\r\n" % length
         elif request.version == "1.1":
-            self._chunked = True
+            self._response = _CHUNKED
             head += b"Transfer-Encoding: chunked\r\n"
             if first:
                 first = b"%x\r\n%b\r\n" % (len(first), first)
         else:
+            self._response = _UNTIL_CLOSE
             keep = False
         if not keep:
-            self._keep = False
+            self._life = _CLOSING
             head += b"Connection: close\r\n"
         self.write_raw(head + b"\r\n" + first)
 
     def _goes_on(self, request: Request) -> bool:
         """Whether the connection goes on after this request's answer: the client wants it, the
         worker is not draining, and the body was read, or its unread rest can be dropped."""
-        if not (request.keep_alive and self._keep) or self.server.closing:
+        if not (request.keep_alive and self._life == _OPEN) or self.server.closing:
             return False
         return request._complete or self._can_drop(request)
 
@@ -705,39 +729,40 @@ class Connection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         """A piece of the body, framed as `start` chose; dropped once the client is gone."""
-        if self.closed or not data:
+        if self._life == _CLOSED or not data:
             return
-        if self._chunked:
+        if self._response == _CHUNKED:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         assert self.transport is not None
         self.transport.write(data)
 
     def end(self) -> None:
-        if self._chunked and not self.closed:
+        if self._response == _CHUNKED and self._life != _CLOSED:
             self.write_raw(b"0\r\n\r\n")
-        self._ended = True
+        self._response = _ENDED
 
     def write_raw(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
+        if self._life != _CLOSED and self.transport is not None:
             self.transport.write(data)
 
     @property
     def paused(self) -> bool:
+        """The client's socket buffer is full: whoever feeds the response should wait."""
         return self._write_paused
 
     @property
     def chunked(self) -> bool:
         """The body `start` began is chunked: `write_raw` takes pieces framed already."""
-        return self._chunked
+        return self._response == _CHUNKED
 
     @property
     def sized(self) -> bool:
         """The body `start` began has a Content-Length: nothing may follow its last byte."""
-        return self._sized
+        return self._response == _SIZED
 
     async def drain(self) -> None:
         """Wait while the client's socket buffer is above its high-water mark."""
-        while self._write_paused and not self.closed:
+        while self._write_paused and self._life != _CLOSED:
             self._drain = self.loop.create_future()
             try:
                 await self._drain
@@ -829,7 +854,7 @@ class Connection(asyncio.Protocol):
                 return
             error = RequestTimeout(message) if status == 408 else BadRequest(message)
             request._fail(error)
-            if not self._dispatched:
+            if not request._dispatched:
                 self._dispatch(request)
             return
         if self.task is None:
@@ -857,7 +882,7 @@ class Connection(asyncio.Protocol):
     def _drop_input(self) -> None:
         """Stop parsing: whatever the client still sends is read and dropped, up to a budget."""
         self.request = None
-        if self._state != _DROP:
+        if self._state < _DROP:
             self._state = _DROP
             self._dropped = 0
 
@@ -877,13 +902,13 @@ class Connection(asyncio.Protocol):
         """nginx's lingering close: FIN once the answer is out, then read and drop whatever
         still comes, for at most linger_s and max_discard_bytes; then close."""
         transport = self.transport
-        if transport is None or self.closed or transport.is_closing():
+        if transport is None or self._life == _CLOSED or transport.is_closing():
             return
         self._drop_input()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._eof or not self.server.limits.linger_s or not transport.can_write_eof():
+        if self._state == _EOF or not self.server.limits.linger_s or not transport.can_write_eof():
             self.close()
             return
         if self._paused_reading:
@@ -898,22 +923,26 @@ class Connection(asyncio.Protocol):
 
     def _answer(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
         """An answer of the connection's own, outside any request: then it closes."""
-        body = _error_json(message, kind)
+        body = error_json(status, message, kind, OPENAI)
         self.write_raw(
             b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n%b" % (status, _reason(status).encode(), len(body), body)
         )  # fmt: skip
 
     def close(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and self._life != _CLOSED:
             self.transport.close()
 
     def abort(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and self._life != _CLOSED:
             self.transport.abort()
 
     def __repr__(self) -> str:
-        return f"<Connection {self.peer} busy={self.task is not None} queued={len(self.queue)}>"
+        return (
+            f"<Connection {self.peer} {_LIVES[self._life]} reading={_STATES[self._state]}"
+            f" response={_RESPONSES[self._response]} busy={self.task is not None}"
+            f" queued={len(self.queue)}>"
+        )
 
 
 class _HeadRefused(Exception):
@@ -927,12 +956,6 @@ class _HeadRefused(Exception):
 
 class _Refused(Exception):
     """Raised in a parser callback: a body past max_body stops the parser there."""
-
-
-def _error_json(message: str, kind: str) -> bytes:
-    """OpenAI's error shape (edge/proxy/handler.py renders the same for the default dialect)."""
-    error = {"message": message, "type": kind, "param": None, "code": None}
-    return orjson.dumps({"error": error, "detail": message})
 
 
 def _size(limit: int) -> str:

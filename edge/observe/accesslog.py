@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from edge.config import LogSettings
-from edge.observe.metrics import Observation
+from edge.observe.record import RequestRecord
 
 KeyUse = tuple[str, str, float | None]  # short key id, workspace, cost
 
@@ -43,7 +43,7 @@ class AccessLog:
         self.dropped = 0  # batches the log could not take
 
     def write(
-        self, obs: Observation, request_id: str, client: str | None, asked: str,
+        self, obs: RequestRecord, request_id: str, client: str | None, asked: str,
         key: KeyUse | None = None,
     ) -> None:  # fmt: skip
         """One line for a request just answered. `asked` is the model name the client sent;
@@ -135,7 +135,7 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def _record(
-    obs: Observation, request_id: str, client: str | None, asked: str, key: KeyUse | None
+    obs: RequestRecord, request_id: str, client: str | None, asked: str, key: KeyUse | None
 ) -> dict[str, Any]:
     usage = obs.usage
     key_id, workspace, cost = key if key is not None else (None, None, None)
@@ -149,7 +149,7 @@ def _record(
         "route": obs.route,
         "status": obs.status,
         "outcome": obs.outcome,
-        "attempts": obs.attempt,
+        "attempts": obs.attempts,
         "ttfb_ms": _ms(obs.first_byte_s),
         "duration_ms": _ms(obs.duration_s),
         "prompt_tokens": usage.prompt_tokens if usage is not None else None,

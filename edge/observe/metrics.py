@@ -1,15 +1,15 @@
-"""One observation per attempt -> host statistics and Prometheus.
+"""Prometheus families for one worker: each ended attempt (`attempted`, the same report routing
+reads, edge/routing/attempt.py) and each answered request (`finished`, edge/observe/record.py).
 
-Theory of operation. Each attempt on a host is observed once (`Metrics.observe`); the same call
-feeds the host's routing statistics and the Prometheus families. The hot path pays one dict
-lookup per request: everything about the requests that share (model, route, server, status
-class) accumulates in one `_Requests` bundle of plain numbers, updated without locks because
-everything of one worker runs on one event loop; each family, with its own labels, is projected
-from the bundles at scrape time. prometheus-client's metric objects take a lock per
-`inc`/`observe` and cost several times more (loadtests/metrics_cost.py measures both), so they
-are used only at scrape time, for the text format. Label names are in alphabetical order, as
-Prometheus stores them, and every label value is bounded: models and servers the fleet names,
-or the fixed sets below; a model name the edge does not serve is never a label.
+Theory of operation. The hot path pays one dict lookup per request: everything about the requests
+that share (model, route, server, status class) accumulates in one `Requests` bundle of plain
+numbers, updated without locks because everything of one worker runs on one event loop; each
+family, with its own labels, is projected from the bundles at scrape time. prometheus-client's
+metric objects take a lock per `inc`/`observe` and cost several times more
+(loadtests/metrics_cost.py measures both), so they are used only at scrape time, for the text
+format. Label names are in alphabetical order, as Prometheus stores them, and every label value is
+bounded: models and servers the fleet names, or the fixed sets below; a model name the edge does
+not serve is never a label.
 
 Gauges that mirror live state (in-flight, health, routing score, servers known) are read from
 the fleet at scrape time and cost nothing per request.
@@ -28,306 +28,34 @@ import sys
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Final
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
-    CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from edge.config import MetricsSettings
+from edge.observe.families import (
+    LATENCY_BUCKETS,
+    OVERHEAD_BUCKETS,
+    RATE_BUCKETS,
+    Families,
+    Requests,
+    put,
+)  # fmt: skip
 from edge.observe.metricshare import Shared
+from edge.observe.record import RequestRecord
+from edge.routing.attempt import Attempt
 from edge.routing.fleet import Fleet, Host
-
-# Not Final, though read per request: compiled, a Final tuple of floats read inside a
-# method raised "value for final name was not set" (mypyc 2.0).
-LATENCY_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
-)  # fmt: skip
-# The edge's own time per request is sub-millisecond when all is well.
-OVERHEAD_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-)  # fmt: skip
-RATE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 200.0, 500.0)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 UNKNOWN_MODEL = "(unknown)"  # a request that named no model the edge serves
 NO_SERVER: Final = "(none)"  # a request answered by the edge itself (no host answered)
 AFFINITY_RESULTS: Final = frozenset({"cookie_hit", "key_hit", "moved", "none"})
-# Without a health module wired in, a host counts as down after this many failed attempts in a
-# row (the host's own routing statistics count them) and up again after one success.
-DOWN_AFTER = 3
 _CODES: Final = tuple(f"{i}xx" for i in range(10))
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-
-# Not frozen: a frozen dataclass sets each field through object.__setattr__, which with this many
-# fields costs ~4 us per request instead of ~1 us; nobody mutates an observation after building it.
-@dataclass(slots=True)
-class Observation:
-    """The outcome of one attempt on one host (or of a request no host was tried for).
-
-    Non-final observations are failed attempts, built by the forwarder; the final one is built
-    by the handler when the request is answered and carries the request-wide fields.
-    """
-
-    model: str  # "" when the request never named a known model
-    host: Host | None  # None when no host was tried
-    route: str
-    status: int
-    outcome: str  # ok | connect_error | timeout | http_5xx | http_429 | stream_error | malformed
-    #               | edge_error | client_disconnect | pool_full
-    duration_s: float  # final: request start to last byte; else the attempt's own time
-    ttfb_s: float | None = None  # the attempt's time to first body byte (routing uses it)
-    bytes_out: int = 0
-    usage: Usage | None = None
-    final: bool = True  # the attempt whose answer reached the client
-    attempt: int = 1  # final: attempts the request made (0 when none); unused on the others
-    bytes_in: int = 0  # request body bytes
-    stream: bool = False  # the client asked for a stream
-    first_byte_s: float | None = None  # request start to first body byte sent to the client
-    stream_s: float | None = None  # the upstream's first body byte to its last
-    upstream_s: float = 0.0  # time spent waiting on upstreams (attempts and relayed body)
-    affinity: str = "none"  # cookie_hit | key_hit | moved | none
-
-
-class _Counter:
-    """A counter family: label tuple -> value."""
-
-    __slots__ = ("name", "doc", "labels", "values")
-
-    def __init__(self, name: str, doc: str, labels: tuple[str, ...]) -> None:
-        self.name, self.doc, self.labels = name, doc, labels
-        self.values: dict[tuple[str, ...], float] = {}
-
-    def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
-        values = self.values
-        values[key] = values.get(key, 0.0) + amount
-
-    def family(self, zeros: Iterable[tuple[str, ...]] = ()) -> Metric:
-        """The family, with a zero sample for each key in `zeros` not yet counted: a series that
-        exists from the start makes `rate()` see its first increase."""
-        fam = CounterMetricFamily(self.name, self.doc, labels=self.labels)
-        for key in zeros:
-            if key not in self.values:
-                fam.add_metric(key, 0.0)
-        for key, value in self.values.items():
-            fam.add_metric(key, value)
-        return fam
-
-    def __repr__(self) -> str:
-        return f"<Counter {self.name} series={len(self.values)}>"
-
-
-class _Histogram:
-    """A histogram family: label tuple -> [count per bucket..., count above the last, sum]."""
-
-    __slots__ = ("name", "doc", "labels", "bounds", "_les", "values")
-
-    def __init__(
-        self, name: str, doc: str, labels: tuple[str, ...], bounds: tuple[float, ...]
-    ) -> None:
-        self.name, self.doc, self.labels, self.bounds = name, doc, labels, bounds
-        self._les = [_le(b) for b in bounds] + ["+Inf"]
-        self.values: dict[tuple[str, ...], list[float]] = {}
-
-    def observe(self, key: tuple[str, ...], value: float) -> None:
-        cells = self.values.get(key)
-        if cells is None:
-            cells = self.values[key] = _cells(self.bounds)
-        _put(cells, self.bounds, value)
-
-    def add(self, key: tuple[str, ...], cells: list[float]) -> None:
-        """Add the counts of another series (scrape time); a series that counted nothing is
-        left out rather than exported as an all-zero histogram."""
-        if not any(cells[:-1]):
-            return
-        mine = self.values.get(key)
-        if mine is None:
-            self.values[key] = list(cells)
-        else:
-            self.values[key] = [a + b for a, b in zip(mine, cells, strict=True)]
-
-    def family(self) -> Metric:
-        fam = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
-        for key, cells in self.values.items():
-            running = 0.0
-            buckets = []
-            for le, count in zip(self._les, cells, strict=False):
-                running += count
-                buckets.append((le, running))
-            fam.add_metric(key, buckets, cells[-1])
-        return fam
-
-    def __repr__(self) -> str:
-        return f"<Histogram {self.name} series={len(self.values)}>"
-
-
-def _cells(bounds: tuple[float, ...]) -> list[float]:
-    """[count per bucket..., count above the last bound, sum]."""
-    return [0.0] * (len(bounds) + 2)
-
-
-def _put(cells: list[float], bounds: tuple[float, ...], value: float) -> None:
-    cells[bisect_left(bounds, value)] += 1.0  # the first bucket whose bound >= value
-    cells[-1] += value
-
-
-class _Requests:
-    """Everything counted for the requests sharing one (model, route, server, status class).
-
-    The hot path pays one dict lookup per request for all of it, instead of one per family;
-    the families, each with its own labels, are projected from these at scrape time.
-    """
-
-    __slots__ = (
-        "count", "bytes_in", "bytes_out", "prompt", "completion", "retries", "failovers",
-        "disconnects", "affinity", "duration", "overhead", "ttfb", "stream", "decode",
-    )  # fmt: skip
-
-    def __init__(self) -> None:
-        self.count = self.bytes_in = self.bytes_out = self.prompt = self.completion = 0
-        self.retries = self.failovers = self.disconnects = 0
-        self.affinity: dict[str, int] = {}
-        self.duration = _cells(LATENCY_BUCKETS)
-        self.overhead = _cells(OVERHEAD_BUCKETS)
-        self.ttfb = _cells(LATENCY_BUCKETS)
-        self.stream = _cells(LATENCY_BUCKETS)
-        self.decode = _cells(RATE_BUCKETS)
-
-    def __repr__(self) -> str:
-        return f"<Requests count={self.count}>"
-
-
-class _Families:
-    """Every family the edge exports from its own observations. Those about requests are
-    projected from the `_Requests` bundles at scrape time (`project`); the others (attempts and
-    events from other modules) count as they happen."""
-
-    def __init__(self) -> None:
-        c, h = _Counter, _Histogram
-        self.requests = c(
-            "edge_requests", "Requests answered, by model, serving server, route and status class.",
-            ("code", "model", "route", "server"),
-        )  # fmt: skip
-        self.duration = h(
-            "edge_request_duration_seconds", "Time from request arrival to its last byte sent.",
-            ("model", "route", "server"), LATENCY_BUCKETS,
-        )  # fmt: skip
-        self.ttfb = h(
-            "edge_time_to_first_byte_seconds",
-            "Time from request arrival to the first body byte sent (an SSE stream's first event), "
-            "retries included: the time to first token a streaming client sees.",
-            ("model", "server"), LATENCY_BUCKETS,
-        )  # fmt: skip
-        self.stream = h(
-            "edge_stream_duration_seconds", "Time from the upstream's first body byte to its last.",
-            ("model", "server"), LATENCY_BUCKETS,
-        )  # fmt: skip
-        self.overhead = h(
-            "edge_overhead_seconds",
-            "Time each request spent in the edge itself: total minus time waiting on upstreams.",
-            ("route",), OVERHEAD_BUCKETS,
-        )  # fmt: skip
-        self.bytes_in = c("edge_request_bytes", "Request body bytes received.", ("model", "route"))
-        self.bytes_out = c(
-            "edge_response_bytes", "Response body bytes relayed from upstreams.", ("model", "route")
-        )
-        self.tokens = c(
-            "edge_tokens", "Tokens from upstream usage, by type (prompt, completion).",
-            ("model", "type"),
-        )  # fmt: skip
-        self.decode = h(
-            "edge_decode_rate_tokens_per_second",
-            "Completion tokens per second after the first byte, per streamed request.",
-            ("model", "server"), RATE_BUCKETS,
-        )  # fmt: skip
-        self.attempts = c(
-            "edge_upstream_attempts", "Attempts on upstream servers, by outcome.",
-            ("model", "outcome", "server"),
-        )  # fmt: skip
-        self._init_routing()
-
-    def _init_routing(self) -> None:
-        c = _Counter
-        self.retries = c("edge_retries", "Attempts after a request's first.", ("model",))
-        self.failovers = c(
-            "edge_failovers", "Requests answered by a server other than the first tried.",
-            ("model",),
-        )  # fmt: skip
-        self.budget = c(
-            "edge_retry_budget_exhausted", "Retries refused because the retry budget was spent.",
-            ("model",),
-        )  # fmt: skip
-        self.disconnects = c(
-            "edge_client_disconnects", "Requests the client abandoned before the end.", ("model",)
-        )
-        self.ejections = c(
-            "edge_ejections", "Times a server was taken out of rotation.", ("server",)
-        )
-        self.affinity = c(
-            "edge_affinity",
-            "Routed requests by affinity result (cookie_hit, key_hit, moved, none).",
-            ("model", "result"),
-        )  # fmt: skip
-        self.discovery = c(
-            "edge_discovery_refreshes", "Discovery source reads, by outcome (ok, error).",
-            ("outcome",),
-        )  # fmt: skip
-
-    def by_model(self) -> tuple[_Counter, ...]:
-        """Counters with one zero series per known model until they count something."""
-        return (self.retries, self.failovers, self.budget, self.disconnects)
-
-    def counters(self) -> tuple[_Counter, ...]:
-        return (
-            self.requests, self.attempts, self.tokens, self.bytes_in, self.bytes_out,
-            self.ejections, self.affinity, self.discovery, *self.by_model(),
-        )  # fmt: skip
-
-    def histograms(self) -> tuple[_Histogram, ...]:
-        return (self.duration, self.ttfb, self.stream, self.overhead, self.decode)
-
-    def project(self, requests: dict[tuple[str, str, str, str], _Requests]) -> None:
-        counters = (
-            self.requests, self.bytes_in, self.bytes_out, self.tokens, self.retries,
-            self.failovers, self.disconnects, self.affinity,
-        )  # fmt: skip
-        for counter in counters:
-            counter.values.clear()
-        for histogram in self.histograms():
-            histogram.values.clear()
-        for (model, route, server, code), r in requests.items():
-            self.requests.inc((code, model, route, server), r.count)
-            self.bytes_in.inc((model, route), r.bytes_in)
-            self.bytes_out.inc((model, route), r.bytes_out)
-            for kind, tokens in (("prompt", r.prompt), ("completion", r.completion)):
-                if tokens:
-                    self.tokens.inc((model, kind), tokens)
-            for counter, value in (
-                (self.retries, r.retries), (self.failovers, r.failovers),
-                (self.disconnects, r.disconnects),
-            ):  # fmt: skip
-                if value:
-                    counter.inc((model,), value)
-            for result, count in r.affinity.items():
-                self.affinity.inc((model, result), count)
-            self.duration.add((model, route, server), r.duration)
-            self.overhead.add((route,), r.overhead)
-            self.ttfb.add((model, server), r.ttfb)
-            self.stream.add((model, server), r.stream)
-            self.decode.add((model, server), r.decode)
 
 
 class Metrics(Collector):
@@ -338,18 +66,14 @@ class Metrics(Collector):
         fleet: Callable[[], Fleet],
         settings: MetricsSettings | None = None,
         *,
-        is_up: Callable[[Host], bool] | None = None,
         version: str = "0.1.0",
     ) -> None:
         self.settings = settings or MetricsSettings()
         self.enabled = self.settings.enabled
         self._fleet = fleet
-        # A health module passes its own view; until then hosts are judged by recent failures.
-        self._passive = is_up is None
-        self._is_up = is_up or _failing_less_than(DOWN_AFTER)
         self._version = version
-        self.f = _Families()
-        self._requests: dict[tuple[str, str, str, str], _Requests] = {}
+        self.f = Families()
+        self._requests: dict[tuple[str, str, str, str], Requests] = {}
         self.observations = 0
         # Other modules may register their own collectors here; they are rendered (and shared
         # over workers) with these.
@@ -359,39 +83,25 @@ class Metrics(Collector):
 
     # --- the hot path -------------------------------------------------------------------
 
-    def observe(self, obs: Observation) -> None:
-        host = obs.host
-        if host is not None:
-            failed = obs.outcome != "ok"
-            if obs.final and obs.stream_s is not None and obs.ttfb_s is not None:
-                # Decode rate for routing: usage over the time from first byte to last.
-                host.stats.record(
-                    obs.ttfb_s, failed, time.monotonic(), obs.usage, obs.ttfb_s + obs.stream_s
-                )
-            else:
-                host.stats.record(obs.ttfb_s, failed, time.monotonic())
+    def attempted(self, attempt: Attempt) -> None:
+        """An attempt ended (with a verdict: cancelled attempts are not reported)."""
+        if self.enabled:
+            self.f.attempts.inc((attempt.model or UNKNOWN_MODEL, attempt.outcome, attempt.host.url))
+
+    def finished(self, record: RequestRecord) -> None:
+        """A request was answered."""
         if not self.enabled:
             return
         self.observations += 1
-        model = obs.model or UNKNOWN_MODEL
-        server = NO_SERVER
-        if host is not None:
-            server = host.url
-            self._attempted(model, server, host, obs)
-        if obs.final:
-            self._finished(model, server, obs)
+        host = record.host
+        server = NO_SERVER if host is None else host.url
+        self._finished(record.model or UNKNOWN_MODEL, server, record)
 
-    def _attempted(self, model: str, server: str, host: Host, obs: Observation) -> None:
-        f = self.f
-        f.attempts.inc((model, obs.outcome, server))
-        if self._passive and obs.outcome != "ok" and host.stats.fails == DOWN_AFTER:
-            f.ejections.inc((server,))
-
-    def _finished(self, model: str, server: str, obs: Observation) -> None:
+    def _finished(self, model: str, server: str, obs: RequestRecord) -> None:
         key = (model, obs.route, server, _CODES[obs.status // 100 % 10])
         r = self._requests.get(key)
         if r is None:
-            r = self._requests[key] = _Requests()
+            r = self._requests[key] = Requests()
         r.count += 1
         r.bytes_in += obs.bytes_in
         # Histograms updated inline (as in _put): a function call per family costs as much as
@@ -406,8 +116,8 @@ class Metrics(Collector):
         cells = r.overhead
         cells[bisect_left(OVERHEAD_BUCKETS, overhead)] += 1.0
         cells[-1] += overhead
-        if obs.attempt > 1:
-            r.retries += obs.attempt - 1
+        if obs.attempts > 1:
+            r.retries += obs.attempts - 1
         if obs.first_byte_s is not None:
             _answered(r, obs, obs.first_byte_s)
         elif obs.outcome == "client_disconnect":
@@ -466,10 +176,11 @@ class Metrics(Collector):
             "edge_servers_known", "Servers known per model.", labels=["model"]
         )
         seen: set[str] = set()
+        now = time.monotonic()
         for model, hosts in fleet.models.items():
             known.add_metric([model], len(hosts))
             for host in hosts:
-                up.add_metric([model, host.url], 1.0 if self._is_up(host) else 0.0)
+                up.add_metric([model, host.url], 1.0 if host.routable_at(now) else 0.0)
                 if host.url in seen:
                     continue
                 seen.add(host.url)
@@ -500,14 +211,14 @@ class Metrics(Collector):
         return f"<Metrics observations={self.observations} series={series}{shared}>"
 
 
-def _answered(r: _Requests, obs: Observation, first_byte_s: float) -> None:
+def _answered(r: Requests, obs: RequestRecord, first_byte_s: float) -> None:
     cells = r.ttfb
     cells[bisect_left(LATENCY_BUCKETS, first_byte_s)] += 1.0
     cells[-1] += first_byte_s
     r.bytes_out += obs.bytes_out
     affinity = obs.affinity if obs.affinity in AFFINITY_RESULTS else "none"
     r.affinity[affinity] = r.affinity.get(affinity, 0) + 1
-    if obs.attempt > 1:
+    if obs.attempts > 1:
         r.failovers += 1
     stream_s = obs.stream_s
     if stream_s is not None:
@@ -520,19 +231,7 @@ def _answered(r: _Requests, obs: Observation, first_byte_s: float) -> None:
     r.prompt += usage.prompt_tokens
     r.completion += usage.completion_tokens
     if obs.stream and stream_s is not None and stream_s >= 0.001 and usage.completion_tokens:
-        _put(r.decode, RATE_BUCKETS, usage.completion_tokens / stream_s)
-
-
-def _le(bound: float) -> str:
-    text: str = floatToGoString(bound)  # type: ignore[no-untyped-call]
-    return text
-
-
-def _failing_less_than(limit: int) -> Callable[[Host], bool]:
-    def is_up(host: Host) -> bool:
-        return host.stats.fails < limit
-
-    return is_up
+        put(r.decode, RATE_BUCKETS, usage.completion_tokens / stream_s)
 
 
 def _build_info(version: str) -> Metric:

@@ -2,11 +2,12 @@
 
 Nothing is parsed per piece. A body the first read already holds whole (most non-streaming
 answers) goes out with its head in one write. Any other is piped: the upstream connection's
-parser hands each piece straight to the client connection's transport (`UpstreamResponse.pipe`),
-with no task switch and no buffer in between; when the client's socket backs up, the upstream
-socket stops being read. A chunked stream to an HTTP/1.1 client (the usual SSE answer) keeps
-the framing it came with: each piece read goes out as it is, in whole chunks, once
-edge/http/chunked.py checked it (the part of a chunk that a read ends inside waits for the rest).
+parser hands each piece straight to the client connection's transport (a `BodyPipe`, from
+`UpstreamResponse.pipe`), with no task switch and no buffer in between; when the client's socket
+backs up, the upstream socket stops being read. A chunked stream to an HTTP/1.1 client (the usual
+SSE answer) keeps the framing it came with: each piece read goes out as it is, in whole chunks,
+once edge/http/chunked.py checked it (the part of a chunk that a read ends inside waits for the
+rest).
 The relay keeps references to the first piece and the last two, and only after the last byte
 went out does it look there for `usage` (OpenAI's usage object or `include_usage` chunk,
 Anthropic's message_start/message_delta, Gemini's usageMetadata).
@@ -16,8 +17,8 @@ an error event in the client's dialect and a clean end, wherever the upstream st
 client is always between chunks, so the event can follow; the one exception is a chunk over
 chunked.HOLD_MAX, passed on as it arrives: dying inside one, the upstream gets the client's
 connection cut); any other body is cut off (the client sees a truncated response, never a
-well-formed wrong one). A client that goes away cancels the handler (edge/http/server.py), and the
-caller closes the upstream.
+well-formed wrong one), the error event rendered by edge/dialects/errors.py. A client that goes
+away cancels the handler (edge/http/server.py), and the caller closes the upstream.
 """
 
 from __future__ import annotations
@@ -27,18 +28,15 @@ from typing import Final
 
 import orjson
 
+from edge.dialects.errors import STREAM_FAILED, error_event
 from edge.http.chunked import unframe
-from edge.http.client import Stopped, UpstreamError, UpstreamResponse
+from edge.http.client import BodyPipe, Stopped, UpstreamError, UpstreamResponse
 from edge.http.server import Request
-from edge.observe.metrics import Usage
+from edge.observe.record import Usage
 from edge.proxy.forward import Upstream
-from edge.proxy.route import ANTHROPIC, GEMINI
 
 _PROMPT_KEYS: Final = ("prompt_tokens", "input_tokens", "promptTokenCount")
 _COMPLETION_KEYS: Final = ("completion_tokens", "output_tokens", "candidatesTokenCount")
-
-
-CLIENT_GONE = 499  # nginx's code for a request the client closed before the answer ended
 
 
 class Relayed:
@@ -75,65 +73,56 @@ async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> R
         return Relayed(status, len(first), read_usage(first, first), "ok", now, now)
     conn.start(request, status, upstream.reason, head, upstream.content_length, first)
     first_sent_at = time.monotonic()
-    conn.source = upstream
+    pipe = upstream.pipe(conn.write, conn.write_raw if conn.chunked else None)
+    # The client's flow control reaches the upstream socket through the pipe from now on; a
+    # pause that came before (the head, what was buffered) is passed on here.
+    conn.source = pipe
     if conn.paused:
-        upstream.pause_reading()
+        pipe.pause_reading()
     try:
-        await upstream.pipe(conn.write, conn.write_raw if conn.chunked else None)
+        await pipe.ended
     except UpstreamError as exc:
         ended_at = time.monotonic()
-        message = _STOPPED if isinstance(exc, Stopped) else _FAILED
-        _broken(request, upstream, dialect, first, message)
-        sent = len(first) + upstream.body_piped
+        message = _STOPPED if isinstance(exc, Stopped) else STREAM_FAILED
+        _broken(request, upstream, pipe, dialect, first, message)
+        sent = len(first) + pipe.body_piped
         return Relayed(status, sent, None, "stream_error", first_sent_at, ended_at)
     finally:
         conn.source = None
     ended_at = time.monotonic()
     conn.end()
-    prev, last = upstream.prev, upstream.last
+    prev, last = pipe.prev, pipe.last
     tail = prev + last if prev else first + last
-    usage = read_usage(first, unframe(tail) if upstream.raw else tail)
-    return Relayed(status, len(first) + upstream.body_piped, usage, "ok", first_sent_at, ended_at)
+    usage = read_usage(first, unframe(tail) if pipe.raw else tail)
+    return Relayed(status, len(first) + pipe.body_piped, usage, "ok", first_sent_at, ended_at)
 
 
 def _broken(
-    request: Request, upstream: UpstreamResponse, dialect: str, first: bytes, message: str
-) -> None:
+    request: Request, upstream: UpstreamResponse, pipe: BodyPipe, dialect: str, first: bytes,
+    message: str,
+) -> None:  # fmt: skip
     conn = request.conn
     if conn.sized or not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
         # An event after a Content-Length body would be read as part of it, or as the answer
         # to the client's next request: the cut is the only honest end.
         conn.abort()
         return
-    last = upstream.last or first
-    if upstream.raw:
-        chunks = upstream.chunks
+    last = pipe.last or first
+    if pipe.raw:
+        chunks = pipe.chunks
         if chunks is None or not chunks.at_boundary:
             # Inside a chunk over chunked.HOLD_MAX, passed on as it came: the client holds
             # part of it, and no event can follow.
             conn.abort()
             return
-        if upstream.last:
+        if pipe.last:
             last = last[:-2]  # the CRLF that ended the chunk
     lead = b"" if last.endswith((b"\n\n", b"\r\n\r\n")) or not last else b"\n\n"
     conn.write(lead + error_event(dialect, message))
     conn.end()
 
 
-_FAILED = "The model server failed while streaming this response."
 _STOPPED = "The edge stopped while streaming this response; send the request again."
-
-
-def error_event(dialect: str, message: str = _FAILED) -> bytes:
-    """The final SSE event that tells a streaming client its answer ended early."""
-    if dialect == ANTHROPIC:
-        doc = {"type": "error", "error": {"type": "api_error", "message": message}}
-        return b"event: error\ndata: " + orjson.dumps(doc) + b"\n\n"
-    if dialect == GEMINI:
-        body = {"error": {"code": 502, "message": message, "status": "UNAVAILABLE"}}
-        return b"data: " + orjson.dumps(body) + b"\n\n"
-    err = {"message": message, "type": "server_error", "param": None, "code": "upstream_error"}
-    return b"data: " + orjson.dumps({"error": err}) + b"\n\n"
 
 
 def read_usage(head: bytes, tail: bytes) -> Usage | None:

@@ -11,10 +11,9 @@ from typing import Any, Final
 
 import orjson
 
+from edge.dialects import GEMINI, dialect_of, split_workspace
 from edge.errors import BadRequest, MethodNotAllowed, NotFound, Unprocessable
 from edge.http.server import Request
-
-OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
 
 # Path -> route label for metrics; any other POST /v1/... with a model is "other".
 _ROUTES: Final = {
@@ -27,7 +26,6 @@ _ROUTES: Final = {
 }
 _GEMINI_PREFIX: Final = "/v1beta/models/"
 _GEMINI_METHODS = {"generateContent": False, "streamGenerateContent": True}
-_WORKSPACE_ID = re.compile(r"[0-9a-f]{24}")  # Liara's workspace ids
 # Percent-encoded '.', '/', '\\', '%' and control characters: what a host could decode into a
 # path other than the one routed here (one decoding pass or two).
 _ENCODED: Final = re.compile(r"%(?:2[eEfF5]|5[cC]|[01][0-9a-fA-F]|7[fF])")
@@ -57,26 +55,6 @@ class ProxyRequest:
 
     def __repr__(self) -> str:
         return f"<ProxyRequest {self.route} model={self.model!r} stream={self.stream}>"
-
-
-def split_workspace(path: str) -> tuple[str, str]:
-    """(workspace id, the plain path) for `/api/{24 hex}/v1...` paths; ("", path) otherwise."""
-    if path.startswith("/api/") and path.startswith("/v1", 29):
-        workspace = path[5:29]
-        if _WORKSPACE_ID.fullmatch(workspace):
-            return workspace, path[29:]
-    return "", path
-
-
-def dialect_of(path: str) -> str:
-    """Which API's error shape a path speaks, decided from the path alone."""
-    if path.startswith("/api/"):
-        path = split_workspace(path)[1]
-    if path.startswith("/v1beta/"):
-        return GEMINI
-    if path == "/v1/messages" or path.startswith("/v1/messages/"):
-        return ANTHROPIC
-    return OPENAI
 
 
 def is_proxied(path: str) -> bool:

@@ -11,7 +11,8 @@ Two mechanisms, both stateless across workers and replicas:
   hashing, so a server joining or leaving moves only its own share of keys, and every process
   that sees the same host list ranks alike.
 
-Everything here is pure and synchronous; `balance.py` adds the bounded-load rule on top.
+Everything here is synchronous and does no I/O; `balance.py` adds the bounded-load rule on top
+and calls `CookieIssuer` for the host that answered.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import binascii
 import hashlib
 import hmac
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 MAX_IDS = 4  # servers remembered per cookie: one per model a client alternates between
@@ -127,6 +128,43 @@ def cookie_value(header: str | None, name: str) -> str | None:
 def set_cookie(name: str, value: str, max_age_s: int, secure: bool) -> str:
     tail = "; Secure" if secure else ""
     return f"{name}={value}; Max-Age={max_age_s}; Path=/; HttpOnly; SameSite=Lax{tail}"
+
+
+class CookieIssuer:
+    """The Set-Cookie value for the host that answered: its id first, then the other ids the
+    client's cookie held (its servers of other models), signed with the codec.
+
+    Signing costs an HMAC per response, and within one second (the expiry's resolution) the
+    value for the same ids is the same: so values are cached for the current second only."""
+
+    __slots__ = ("codec", "name", "_ids", "_wall", "_cache", "_second")
+
+    def __init__(
+        self, codec: CookieCodec, name: str, ids: HostIds, wall: Callable[[], float]
+    ) -> None:
+        self.codec = codec
+        self.name = name
+        self._ids = ids
+        self._wall = wall
+        self._cache: dict[tuple[tuple[bytes, ...], bool], str] = {}
+        self._second = -1
+
+    def issue(self, url: str, held: tuple[bytes, ...], secure: bool) -> str:
+        hid = self._ids.get(url)[0]
+        ids = (hid, *(i for i in held if i != hid)) if held else (hid,)
+        second = int(self._wall())
+        if second != self._second:
+            self._cache.clear()
+            self._second = second
+        key = (ids, secure)
+        cookie = self._cache.get(key)
+        if cookie is None:
+            value = self.codec.encode(ids, second)
+            cookie = self._cache[key] = set_cookie(self.name, value, self.codec.max_age_s, secure)
+        return cookie
+
+    def __repr__(self) -> str:
+        return f"<CookieIssuer {self.name} cached={len(self._cache)}>"
 
 
 # --- keys for cookie-less clients -------------------------------------------------------------

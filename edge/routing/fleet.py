@@ -1,7 +1,8 @@
 """Hosts and the fleet: the routing state, with no I/O.
 
 A `Host` is one upstream server, identified by its normalised URL. Its live counters (in-flight,
-statistics) are mutated only on the worker's event loop, so they need no locks. A `Fleet` is an
+health, statistics) are mutated only on the worker's event loop, so they need no locks, and on
+the request path only by an attempt's end (edge/routing/attempt.py). A `Fleet` is an
 immutable snapshot model -> hosts; discovery builds a new one and swaps the reference, so a
 request that already holds a snapshot never sees it change under it.
 
@@ -11,9 +12,7 @@ its statistics when the fleet is rebuilt.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
@@ -54,7 +53,7 @@ class Host:
     """One upstream server and its live counters (owned by one worker's loop)."""
 
     __slots__ = (
-        "url", "inflight", "requests", "failures", "stats", "state", "until", "fails_in_row",
+        "url", "inflight", "requests", "stats", "state", "until", "fails_in_row",
         "level", "probe_ok", "probe_fail", "ranks", "restored_at",
     )  # fmt: skip
 
@@ -62,7 +61,6 @@ class Host:
         self.url = url
         self.inflight = 0
         self.requests = 0
-        self.failures = 0
         self.stats = HostStats()
         # Health (health.py): the state, when an ejection ends, failed attempts in a row, how
         # many ejections the next one doubles from, probe streaks, per-model probe ranks (None:
@@ -76,33 +74,19 @@ class Host:
         self.ranks: dict[str, int] | None = None
         self.restored_at = 0.0
 
-    @property
-    def routable(self) -> bool:
-        """New requests may come here: up, or ejected and due for its half-open trial."""
-        state = self.state
-        return state == UP or (state == EJECTED and self.until <= time.monotonic())
-
     def routable_at(self, now: float) -> bool:
+        """New requests may come here: up, or ejected and due for its half-open trial. The one
+        routable check: health.candidates filters the pool with it, metrics and /ready read it."""
         return self.state == UP or (self.state == EJECTED and self.until <= now)
 
     def rank(self, model: str) -> int:
         ranks = self.ranks
         return LOADED if ranks is None else ranks.get(model, LOADED)
 
-    @contextmanager
-    def lease(self) -> Iterator[Host]:
-        """Count one attempt in flight; released on every path, cancellation included."""
-        self.inflight += 1
-        self.requests += 1
-        try:
-            yield self
-        finally:
-            self.inflight -= 1
-
     def __repr__(self) -> str:
         return (
             f"<Host {self.url} {self.state} inflight={self.inflight} requests={self.requests} "
-            f"failures={self.failures}>"
+            f"fails_in_row={self.fails_in_row}>"
         )
 
 

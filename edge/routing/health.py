@@ -10,12 +10,12 @@ when no source names the host) is out for good, though streams already on it fin
 
 Evidence arrives as events and moves a host through `TABLE`; a (state, event) pair absent from
 the table changes nothing (the counters still move):
-- From real attempts (forward.py), passive: OK (the attempt opened, or got an answer the client
-  keeps: 2xx, 4xx), FAIL (connect error, timeout before the first byte, 502/503/504, malformed
-  response), RELEASE (the attempt ended without a verdict on the host: cancelled, 429, 500).
-  FAILs in a row reaching `outlier.consecutive_failures` are an EJECT. An attempt that starts
-  on a host that is not UP (its ejection is over, a pin, or the fallback when no host of a
-  model is routable) is a TRIAL.
+- From real attempts (edge/routing/attempt.py reads each one's end), passive: OK (the attempt
+  opened, or got an answer the client keeps: 2xx, 4xx), FAIL (connect error, timeout before the
+  first byte, 502/503/504, malformed response), RELEASE (the attempt ended without a verdict on
+  the host: cancelled, 429, 500). FAILs in a row reaching `outlier.consecutive_failures` are an
+  EJECT. An attempt that starts on a host that is not UP (its ejection is over, a pin, or the
+  fallback when no host of a model is routable) is a TRIAL.
 - From probes, active: PROBES_DOWN once `unhealthy_threshold` probes in a row failed,
   PROBES_UP once `healthy_threshold` in a row succeeded. One failed probe never ejects.
 
@@ -25,8 +25,8 @@ can answer /health and still fail requests): only its half-open trial brings it 
 
 Hazards: transitions are synchronous, on the worker's loop, between two awaits, so a half-open
 host is claimed by exactly one attempt. Every TRIAL must end in OK, FAIL or RELEASE, or the host
-stays HALF_OPEN, out of rotation, for good: forward.py reports one on every path out of an
-attempt, cancellation included.
+stays HALF_OPEN, out of rotation, for good: every attempt ends once (edge/routing/attempt.py),
+and the proxy ends it on every path, cancellation included.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Per-host routing statistics, fed by one observation per attempt (via metrics.py), and the
+"""Per-host routing statistics, fed by each ended attempt (edge/routing/attempt.py), and the
 in-flight counts that the workers of one edge share.
 
 Only what the balancer reads lives here; Prometheus keeps its own histograms.
@@ -50,18 +50,11 @@ _P95_WINDOW: Final = 32
 _P95_MIN_SAMPLES = 5
 
 
-class CompletionCount(Protocol):
-    """metrics.Usage as seen from here (stats.py sits below metrics.py)."""
-
-    @property
-    def completion_tokens(self) -> int: ...
-
-
 class HostStats:
     """Time to first byte (Peak-EWMA), decode rate, recent failures and external load of a host."""
 
     __slots__ = (
-        "ttfb_ewma", "updated", "samples", "fails", "failed_at", "rate_ewma", "rate_updated",
+        "ttfb_ewma", "updated", "samples", "failed_at", "rate_ewma", "rate_updated",
         "rate_samples", "_recent", "_p95", "remote_inflight", "engine_queue", "engine_running",
         "engine_kv", "engine_until", "_waiting", "_tokens",
     )  # fmt: skip
@@ -70,7 +63,8 @@ class HostStats:
         self.ttfb_ewma = 0.0
         self.updated = 0.0
         self.samples = 0
-        self.fails = 0  # consecutive failed attempts
+        # When the last attempt failed (any failure, blamed or not); -inf once one succeeded.
+        # Health counts the failures in a row (Host.fails_in_row); this is only their recency.
         self.failed_at = -math.inf
         self.rate_ewma = 0.0  # completion tokens per second after the first byte
         self.rate_updated = 0.0
@@ -110,23 +104,23 @@ class HostStats:
         ttfb_s: float | None,
         failed: bool,
         now: float,
-        usage: CompletionCount | None = None,
+        completion_tokens: int | None = None,
         duration_s: float | None = None,
     ) -> None:
-        """One attempt's outcome. `duration_s` (request start to last byte) with `usage` gives
-        the decode rate: completion tokens over the time after the first byte."""
+        """One ended attempt (edge/routing/attempt.py). `duration_s` (attempt start to last
+        byte) with `completion_tokens` gives the decode rate: tokens over the time after the
+        first byte."""
         if failed:
-            self.fails += 1
             self.failed_at = now
             self._sample(FAILURE_PENALTY_S, now)
             return
         if ttfb_s is None:
             return
-        self.fails = 0
+        self.failed_at = -math.inf
         self._sample(ttfb_s, now)
         self._remember(ttfb_s)
-        if usage is not None and duration_s is not None:
-            self._rate(usage.completion_tokens, duration_s - ttfb_s, now)
+        if completion_tokens is not None and duration_s is not None:
+            self._rate(completion_tokens, duration_s - ttfb_s, now)
 
     def _sample(self, value: float, now: float) -> None:
         if self.samples == 0 or value > self.ttfb_ewma:
@@ -181,7 +175,7 @@ class HostStats:
 
     def failing(self, now: float, window_s: float) -> bool:
         """The last attempt failed, within `window_s`: not a host to hold a session on."""
-        return self.fails > 0 and now - self.failed_at < window_s
+        return now - self.failed_at < window_s
 
     def queue(self, now: float) -> float:
         """Requests waiting in the engine's own queue, when a recent scrape said so."""
@@ -190,7 +184,7 @@ class HostStats:
     def __repr__(self) -> str:
         return (
             f"<HostStats ttfb_ewma={self.ttfb_ewma:.4f} samples={self.samples} "
-            f"rate={self.rate_ewma:.1f}/{self.rate_samples} fails={self.fails} "
+            f"rate={self.rate_ewma:.1f}/{self.rate_samples} "
             f"remote={self.remote_inflight} queue={self.engine_queue:g}>"
         )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge.http.chunked import HOLD_MAX, Chunks, Malformed, unframe
+from edge.http.chunked import HOLD_MAX, BadChunk, Chunks, unframe
 
 EVENTS = [b'data: {"n":1}\n\n', b"x" * 300, b'data: {"usage":{"prompt_tokens":3}}\n\n', b"!"]
 
@@ -89,7 +89,7 @@ def test_malformed_framing_is_refused_after_a_good_prefix(bad, raw):
     body = good + bad
     for cut in range(len(good), len(body)):
         chunks, passed = Chunks(), b""
-        with pytest.raises(Malformed) as refused:
+        with pytest.raises(BadChunk) as refused:
             passed += chunks.feed(body[:cut], raw)
             passed += chunks.feed(body[cut:], raw)
         passed += refused.value.good
@@ -104,7 +104,7 @@ def test_malformed_framing_is_refused_after_a_good_prefix(bad, raw):
 
 def test_endless_size_line_is_refused():
     chunks = Chunks()
-    with pytest.raises(Malformed):
+    with pytest.raises(BadChunk):
         for _ in range(10):
             chunks.feed(b"a;" + b"x" * 1000, raw=True)
 
@@ -117,7 +117,7 @@ def test_endless_size_line_is_refused():
 @pytest.mark.parametrize("raw", [True, False])
 def test_a_line_over_the_bound_is_refused_whole_as_in_pieces(body, raw):
     for cuts in ([], [100], list(range(1000, len(body), 1000))):
-        with pytest.raises(Malformed, match="too long|bad trailer"):
+        with pytest.raises(BadChunk, match="too long|bad trailer"):
             read(body, raw, cuts)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 
@@ -12,8 +13,10 @@ from edge.http.client import (
     Malformed,
     TimedOut,
     UpstreamPool,
-    render_headers,
+    UpstreamResponse,
+    _Conn,
 )
+from edge.http.heads import BadField, render
 from tests.procs import free_port
 from tests.rawupstream import Scripted as Server
 from tests.rawupstream import answer
@@ -29,8 +32,14 @@ async def pool():
 
 
 async def post(pool: UpstreamPool, url: str, headers=(), head_s: float = 2.0):
-    block = render_headers(list(headers))
+    block = render(headers)
     return await pool.post(url, "/v1/x?a=1", block, b'{"model":"m"}', head_s)
+
+
+def conn_of(resp: UpstreamResponse) -> _Conn:
+    conn = resp._conn
+    assert conn is not None
+    return conn
 
 
 async def test_keep_alive_reuses_one_connection_and_sends_exact_request(pool):
@@ -122,7 +131,7 @@ async def test_malformed_response_and_smuggling_headers(pool):
     url = await server.start()
     with pytest.raises(Malformed):
         await post(pool, url)
-    with pytest.raises(Malformed):
+    with pytest.raises(BadField):
         await post(pool, url, [("X-A", "1\r\nX-Injected: yes")])
     with pytest.raises(Malformed):
         await pool.post(url, "/v1/x HTTP/1.1\r\nX: y", b"", b"", 1)
@@ -221,16 +230,21 @@ async def test_pipe_hands_every_piece_to_the_sink_and_pauses_on_request(pool):
     resp = await post(pool, url)
     first = await resp.readany()
     got: list[bytes] = []
-    resp.pause_reading()  # the client lags: nothing arrives while paused
-    ended = resp.pipe(got.append)
+    pipe = resp.pipe(got.append)
+    pipe.pause_reading()  # the client lags: nothing arrives while paused
+    assert [resp.piping, conn_of(resp).pipe] == [pipe, pipe]  # the connection feeds it
     await asyncio.sleep(0.1)
     held = len(got)
-    resp.resume_reading()
-    await asyncio.wait_for(ended, 5)
+    pipe.resume_reading()
+    await asyncio.wait_for(pipe.ended, 5)
     assert held <= 2  # at most what was already buffered before the pause took effect
     assert first + b"".join(got) == b"".join(pieces)
-    assert resp.piped == len(b"".join(got)) and resp.last == got[-1]
+    assert pipe.piped == pipe.body_piped == len(b"".join(got)) and pipe.last == got[-1]
+    assert conn_of(resp).pipe is None  # the body ended: the connection no longer feeds it
     resp.close()
+    # Closed, the response lets go of the pipe, and nothing else holds it (no timer, no cycle):
+    # it goes with the relay's last reference, not with the next run of the collector.
+    assert resp.piping is None and sys.getrefcount(pipe) == 2  # `pipe`, and the call's argument
     assert "idle=1" in repr(pool)  # read to the end: the connection went back to the pool
     await server.close()
 
@@ -253,12 +267,12 @@ async def test_pipe_fails_on_an_idle_gap_and_on_a_cut_body(pool):
     resp.read_timeout = 0.3
     got: list[bytes] = []
     with pytest.raises(TimedOut):
-        await asyncio.wait_for(resp.pipe(got.append), 5)
+        await asyncio.wait_for(resp.pipe(got.append).ended, 5)
     assert b"".join(got) == b"ab"
     resp.close()
     resp = await post(pool, url)
     with pytest.raises(Disconnected):
-        await asyncio.wait_for(resp.pipe(got.append), 5)
+        await asyncio.wait_for(resp.pipe(got.append).ended, 5)
     resp.close()
     await server.close()
 
@@ -269,9 +283,10 @@ async def test_a_connection_paused_at_the_end_of_a_body_goes_back_reading(pool):
     resp = await post(pool, url)
 
     def lagging(data: bytes) -> None:
-        resp.pause_reading()  # the client's buffer filled on the last piece
+        assert resp.piping is not None
+        resp.piping.pause_reading()  # the client's buffer filled on the last piece
 
-    await asyncio.wait_for(resp.pipe(lagging), 5)
+    await asyncio.wait_for(resp.pipe(lagging).ended, 5)
     resp.close()
     # The same pooled connection: still paused, it would never read this answer.
     again = await post(pool, url, head_s=2.0)

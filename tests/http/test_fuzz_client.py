@@ -262,12 +262,13 @@ async def fetch(pool: UpstreamPool, how: str, url: str = URL) -> Got:
             while piece := await response.readany():
                 got.decoded.append(piece)
         elif not response.complete:
-            await response.pipe(got.decoded.append, raw.extend if how == "raw" else None)
+            await response.pipe(got.decoded.append, raw.extend if how == "raw" else None).ended
     except UpstreamError as exc:
         got.body_error = exc
     finally:
         got.raw = bytes(raw)
-        got.body_piped = response.body_piped + len(first) if how != "read" else -1
+        pipe = response.piping
+        got.body_piped = (pipe.body_piped if pipe else 0) + len(first) if how != "read" else -1
         response.close()
     return got
 
@@ -445,7 +446,7 @@ class Fed:
     decoded: bytes  # handed on decoded (before the switch to raw)
     raw: bytes  # handed on raw (from `raw_at` on)
     raw_at: int  # where in the stream the raw part began (-1: never)
-    error: chunked.Malformed | None
+    error: chunked.BadChunk | None
     chunks: chunked.Chunks
 
 
@@ -461,7 +462,7 @@ def feed(data: bytes, points: list[int], switch: int) -> Fed:
         out = decoded if raw_at < 0 else raw
         try:
             out += chunks.feed(piece, raw_at >= 0)
-        except chunked.Malformed as exc:
+        except chunked.BadChunk as exc:
             out += exc.good
             error = exc
             break

@@ -20,6 +20,7 @@ import pytest
 
 from edge.errors import PayloadTooLarge
 from edge.http.server import Connection, Handler, Limits, Reply, Request, Server
+from tests.fuzzing.harness import FakeTransport as RecordingTransport
 
 T = 3.0  # every read is bounded: a hung server fails the test instead of stalling the run
 
@@ -452,6 +453,60 @@ async def test_write_backpressure_reaches_the_source():
     await asyncio.wait_for(drained, T)
     assert not conn.paused and source.calls == ["pause", "resume"]
     server.forget(conn)
+
+
+async def settled(done: Any) -> None:
+    for _ in range(100):
+        if done():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("not settled in 100 loop turns")
+
+
+async def test_the_response_and_the_connection_go_through_their_states():
+    """`Connection`'s explicit states, as its repr names them: a chunked answer to a 1.1
+    client (NONE -> CHUNKED -> ENDED, the connection OPEN), then an answer framed by the close
+    to a 1.0 client (UNTIL_CLOSE, the connection CLOSING), then the loss (CLOSED: dropped)."""
+    seen: list[str] = []
+    go = asyncio.Event()
+
+    async def handler(request: Request) -> None:
+        conn = request.conn
+        seen.append(repr(conn))
+        conn.start(request, 200, "OK", b"", None, b"a")
+        seen.append(repr(conn))
+        assert conn.chunked != (request.version == "1.0") and not conn.sized
+        await go.wait()
+        conn.write(b"b")
+        conn.end()
+        seen.append(repr(conn))
+
+    server = Server(handler, Limits())
+    conn = Connection(server)
+    transport = RecordingTransport(conn)
+    conn.connection_made(transport)
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await settled(lambda: len(seen) == 2)
+    assert "OPEN reading=IDLE response=NONE busy=True" in seen[0]
+    assert "OPEN reading=IDLE response=CHUNKED" in seen[1]
+    go.set()
+    await settled(lambda: len(seen) == 3)
+    assert "OPEN reading=IDLE response=ENDED" in seen[2]
+    assert transport.out.endswith(b"\r\n\r\n1\r\na\r\n1\r\nb\r\n0\r\n\r\n")
+
+    seen.clear()
+    transport.out.clear()
+    conn.data_received(b"GET / HTTP/1.0\r\n\r\n")
+    await settled(lambda: len(seen) == 3)
+    assert "CLOSING reading=IDLE response=UNTIL_CLOSE" in seen[1]
+    assert "CLOSING reading=IDLE response=ENDED" in seen[2]
+    assert b"Connection: close\r\n" in transport.out and transport.out.endswith(b"\r\n\r\nab")
+    await settled(lambda: transport.lost)  # the close after the last answer
+    assert "CLOSED" in repr(conn)
+    written = bytes(transport.out)
+    conn.write_raw(b"late")
+    conn.write(b"late")
+    assert transport.out == written  # a lost connection takes nothing
 
 
 async def test_requests_with_the_same_fields_share_them_and_keep_their_own_length(start):

@@ -16,7 +16,7 @@ import pytest
 
 from edge.config import ConfigError, LogSettings, from_mapping
 from edge.observe.accesslog import AccessLog
-from edge.observe.metrics import Observation, Usage
+from edge.observe.record import RequestRecord, Usage
 from tests.procs import Procs, free_port
 
 SECRET_KEY = "sk-live-SECRETKEY-7f3a9c"
@@ -100,7 +100,7 @@ def test_batches_are_whole_lines_within_pipe_buf():
     read, write = os.pipe()
     log = AccessLog(LogSettings(mode="stdout"))
     log._fd = write  # a pipe standing in for stdout
-    obs = Observation("m", None, "chat", 200, "ok", 0.01, usage=Usage(1, 2))
+    obs = RequestRecord("m", None, "chat", 200, "ok", 0.01, usage=Usage(1, 2))
     try:
         for i in range(100):
             log.write(obs, f"id-{i}", "127.0.0.1", "m")
@@ -120,7 +120,7 @@ def test_a_log_that_went_away_drops_lines_and_fails_nothing():
     log = AccessLog(LogSettings(mode="stdout"))
     log._fd = write
     try:
-        log.write(Observation("m", None, "chat", 500, "edge_error", 0.01), "id", None, "m")
+        log.write(RequestRecord("m", None, "chat", 500, "edge_error", 0.01), "id", None, "m")
         log.flush()
     finally:
         log.enabled = False

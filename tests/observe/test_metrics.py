@@ -17,9 +17,13 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge.config import MetricsSettings
-from edge.observe.metrics import DOWN_AFTER, Metrics, Observation, Usage, _Histogram
-from edge.routing.fleet import Fleet, FleetView, HostTable
+from edge.config import HealthSettings, MetricsSettings, OutlierSettings
+from edge.observe.families import Histogram
+from edge.observe.metrics import Metrics
+from edge.observe.record import RequestRecord, Usage
+from edge.routing.attempt import CONNECT_ERROR, OK, TIMEOUT, Attempts
+from edge.routing.fleet import Fleet, FleetView, Host, HostTable
+from edge.routing.health import Health
 from tests.procs import Procs, free_port, wait_http, write_fleet
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -57,7 +61,7 @@ def _fleet(models: dict[str, list[str]]) -> tuple[FleetView, Fleet]:
 
 
 def test_histogram_buckets_are_cumulative_and_bounds_inclusive():
-    hist = _Histogram("h", "doc", ("model",), (0.1, 1.0))
+    hist = Histogram("h", "doc", ("model",), (0.1, 1.0))
     for value in (0.1, 0.5, 2.0):
         hist.observe(("m",), value)
     got = {(s.name, s.labels.get("le")): s.value for s in hist.family().samples}
@@ -67,14 +71,31 @@ def test_histogram_buckets_are_cumulative_and_bounds_inclusive():
     assert got[("h_count", None)] == 3 and got[("h_sum", None)] == pytest.approx(2.6)
 
 
-def test_one_observation_feeds_routing_and_every_family():
+def _worker(view: FleetView, settings: MetricsSettings | None = None) -> tuple[Metrics, Attempts]:
+    """Metrics and the attempts' report wired as app.py wires them."""
+    metrics = Metrics(lambda: view.fleet, settings)
+    health = Health(HealthSettings(), OutlierSettings(), on_eject=metrics.ejected)
+    return metrics, Attempts(health, listener=metrics.attempted)
+
+
+def _served(attempts: Attempts, host: Host, ttfb_s: float = 0.05, body_s: float = 0.0) -> None:
+    attempt = attempts.start(host, "m")
+    attempt.answered(attempt.started + ttfb_s)
+    attempt.finish(OK, attempt.started + ttfb_s + body_s)
+
+
+def test_one_attempt_report_feeds_health_routing_and_every_family():
     view, fleet = _fleet({"m": ["http://a", "http://b"]})
     a, b = fleet.models["m"]
-    metrics = Metrics(lambda: view.fleet)
-    metrics.observe(Observation("m", b, "chat", 0, "connect_error", 0.002, final=False))
-    metrics.observe(
-        Observation(
-            "m", a, "chat", 200, "ok", 1.0, 0.2, 500, Usage(7, 30), attempt=2, bytes_in=90,
+    metrics, attempts = _worker(view)
+    failed = attempts.start(b, "m")
+    failed.fail(CONNECT_ERROR, failed.started + 0.002, blame=True)
+    served = attempts.start(a, "m")
+    served.answered(served.started + 0.2)
+    served.finish(OK, served.started + 0.8, completion_tokens=30)
+    metrics.finished(
+        RequestRecord(
+            "m", a, "chat", 200, "ok", 1.0, 500, Usage(7, 30), attempts=2, bytes_in=90,
             stream=True, first_byte_s=0.25, stream_s=0.6, upstream_s=0.98,
         )
     )  # fmt: skip
@@ -95,19 +116,38 @@ def test_one_observation_feeds_routing_and_every_family():
     assert total(s, "edge_decode_rate_tokens_per_second_sum") == pytest.approx(50.0)
     assert total(s, "edge_overhead_seconds_sum") == pytest.approx(0.02)
     assert total(s, "edge_affinity_total", result="none", model="m") == 1
-    # Routing statistics got both attempts, and the decode rate from the first byte on.
-    assert a.stats.samples == 1 and b.stats.samples == 1 and b.stats.fails == 1
+    # Routing and health read the same two reports: one failure counted once, in one place; the
+    # decode rate from the first byte on; nothing left in flight.
+    assert a.stats.samples == 1 and b.stats.samples == 1
+    assert b.fails_in_row == 1 and b.stats.failing(failed.ended_at, 10.0)
+    assert a.fails_in_row == 0 and not a.stats.failing(served.ended_at, 10.0)
     assert a.stats.rate_ewma == pytest.approx(50.0)
-    assert repr(metrics).startswith("<Metrics observations=2 series=")
+    assert a.inflight == 0 and b.inflight == 0 and a.requests == 1 and b.requests == 1
+    assert repr(metrics).startswith("<Metrics observations=1 series=")
+
+
+def test_an_attempt_ends_once_and_a_cancelled_one_reports_nothing():
+    view, fleet = _fleet({"m": ["http://a"]})
+    (a,) = fleet.models["m"]
+    metrics, attempts = _worker(view)
+    attempt = attempts.start(a, "m")
+    assert a.inflight == 1 and a.stats.waited(attempt.started + 1.0) == pytest.approx(1.0)
+    attempt.cancel()
+    attempt.cancel()  # Forwarder.done cancels whatever the relay did not finish: a no-op
+    attempt.fail(TIMEOUT, attempt.started + 1.0, blame=True)  # too late: it ended
+    assert a.inflight == 0 and a.stats.waited(attempt.started + 2.0) == 0.0
+    assert a.stats.samples == 0 and a.fails_in_row == 0 and attempt.outcome == "cancelled"
+    s = parse(metrics.render().decode())
+    assert total(s, "edge_upstream_attempts_total") == 0
 
 
 def test_unknown_models_and_foreign_affinity_values_are_not_labels():
     view, fleet = _fleet({"m": ["http://a"]})
     metrics = Metrics(lambda: view.fleet)
-    metrics.observe(Observation("", None, "chat", 404, "edge_error", 0.001))
+    metrics.finished(RequestRecord("", None, "chat", 404, "edge_error", 0.001))
     (a,) = fleet.models["m"]
-    metrics.observe(
-        Observation("m", a, "chat", 200, "ok", 0.1, 0.05, first_byte_s=0.05, affinity="x" * 50)
+    metrics.finished(
+        RequestRecord("m", a, "chat", 200, "ok", 0.1, first_byte_s=0.05, affinity="x" * 50)
     )
     s = parse(metrics.render().decode())
     assert total(s, "edge_requests_total", model="(unknown)", server="(none)", code="4xx") == 1
@@ -116,12 +156,13 @@ def test_unknown_models_and_foreign_affinity_values_are_not_labels():
     assert "x" * 50 not in values
 
 
-def test_live_gauges_zero_series_and_passive_health():
+def test_live_gauges_zero_series_and_health():
     view, fleet = _fleet({"m": ["http://a", "http://b"], "n": ["http://b"]})
     a, b = fleet.models["m"]
-    metrics = Metrics(lambda: view.fleet)
-    with a.lease():
-        s = parse(metrics.render().decode())
+    metrics, attempts = _worker(view)
+    held = attempts.start(a, "m")
+    s = parse(metrics.render().decode())
+    held.cancel()
     assert total(s, "edge_inflight_requests", server="http://a") == 1
     assert total(s, "edge_servers_known", model="m") == 2
     assert total(s, "edge_server_up", model="n", server="http://b") == 1
@@ -130,13 +171,16 @@ def test_live_gauges_zero_series_and_passive_health():
     assert ("edge_retries_total", frozenset({("model", "n")})) in s
     assert ("edge_ejections_total", frozenset({("server", "http://b")})) in s
     assert len([k for k in s if k[0] == "edge_ejections_total"]) == 2
-    for _ in range(DOWN_AFTER + 1):
-        metrics.observe(Observation("n", b, "chat", 0, "timeout", 1.0, final=False))
+    for _ in range(OutlierSettings().consecutive_failures + 1):
+        attempt = attempts.start(b, "n")
+        attempt.fail(TIMEOUT, attempt.started + 1.0, blame=True)
     s = parse(metrics.render().decode())
     assert total(s, "edge_server_up", model="n", server="http://b") == 0
     assert total(s, "edge_server_up", model="m", server="http://b") == 0
     assert total(s, "edge_ejections_total", server="http://b") == 1  # once, not per failure
-    metrics.observe(Observation("n", b, "chat", 200, "ok", 0.1, 0.05, first_byte_s=0.05))
+    trial = attempts.start(b, "n")  # the half-open trial: it answers, b is back
+    trial.answered(trial.started + 0.05)
+    trial.finish(OK, trial.started + 0.1)
     s = parse(metrics.render().decode())
     assert total(s, "edge_server_up", server="http://b") == 2  # up again for both models
 
@@ -144,8 +188,9 @@ def test_live_gauges_zero_series_and_passive_health():
 def test_disabled_metrics_still_feed_routing():
     view, fleet = _fleet({"m": ["http://a"]})
     (a,) = fleet.models["m"]
-    metrics = Metrics(lambda: view.fleet, MetricsSettings(enabled=False))
-    metrics.observe(Observation("m", a, "chat", 200, "ok", 0.1, 0.05, first_byte_s=0.05))
+    metrics, attempts = _worker(view, MetricsSettings(enabled=False))
+    _served(attempts, a)
+    metrics.finished(RequestRecord("m", a, "chat", 200, "ok", 0.1, first_byte_s=0.05))
     assert a.stats.samples == 1
     s = parse(metrics.render().decode())
     assert {name for name, _ in s} == {"edge_build_info"}
@@ -172,12 +217,13 @@ def test_shared_samples_sum_counters_and_merge_gauges(tmp_path: Path):
         for pid, count in ((live.pid, 2), (dead.pid, 3)):
             other = Metrics(lambda: view.fleet, settings)
             for _ in range(count):
-                other.observe(Observation("m", a, "chat", 200, "ok", 0.1, 0.05, first_byte_s=0.05))
+                other.finished(RequestRecord("m", a, "chat", 200, "ok", 0.1, first_byte_s=0.05))
             _sibling(tmp_path, other, pid)
-        me = Metrics(lambda: view.fleet, settings)
-        me.observe(Observation("m", a, "chat", 200, "ok", 0.1, 0.05, first_byte_s=0.05))
-        with a.lease():
-            s = parse(me.render().decode())
+        me, attempts = _worker(view, settings)
+        me.finished(RequestRecord("m", a, "chat", 200, "ok", 0.1, first_byte_s=0.05))
+        held = attempts.start(a, "m")
+        s = parse(me.render().decode())
+        held.cancel()
     finally:
         live.kill()
         live.wait()

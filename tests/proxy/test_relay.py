@@ -9,9 +9,10 @@ import aiohttp
 import orjson
 import pytest
 
+from edge.dialects.errors import error_event
 from edge.http.chunked import HOLD_MAX
-from edge.observe.metrics import Usage
-from edge.proxy.relay import error_event, read_usage
+from edge.observe.record import Usage
+from edge.proxy.relay import read_usage
 from tests.rawupstream import SSE_HEAD, RawUpstream, chunked
 
 CHAT = orjson.dumps(

@@ -17,8 +17,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from edge.routing.balance import _NEUTRAL_TTFB_S, ROUTE_HEADER, _cost, _median
+from edge.routing.balance import ROUTE_HEADER
 from edge.routing.fleet import Host
+from edge.routing.policies import NEUTRAL_TTFB_S, cost, median
 from loadtests import llama
 from tests.procs import free_port
 
@@ -37,11 +38,11 @@ SCRAPE_S = 0.2
 
 
 def _cost_of(edge: Any, host: Host) -> float:
-    """The latency policy's cost of `host` now, as Balancer._latency computes it."""
+    """The latency policy's cost of `host` now, as Picker.latency (policies.py) computes it."""
     pool = edge.view.fleet.models[MODEL]
     measured = [h.stats.ttfb_ewma for h in pool if h.stats.samples]
-    neutral = _median(measured) or _NEUTRAL_TTFB_S
-    return _cost(host, time.monotonic(), neutral, edge.config.routing.decay_s)
+    neutral = median(measured) or NEUTRAL_TTFB_S
+    return cost(host, time.monotonic(), neutral, edge.config.routing.decay_s)
 
 
 async def _until(condition: Callable[[], bool], within_s: float, what: str) -> None:

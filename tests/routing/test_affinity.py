@@ -1,4 +1,4 @@
-"""Affinity units: cookie signing, affinity keys per dialect, rendezvous hashing."""
+"""Affinity units: cookie signing and issuing, affinity keys per dialect, rendezvous hashing."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from edge.routing.affinity import (
     MAX_IDS,
     CookieCodec,
+    CookieIssuer,
     HostIds,
     affinity_key,
     cookie_value,
@@ -74,6 +75,40 @@ def test_cookie_header_parsing_and_set_cookie_attributes():
     plain = set_cookie("edge_affinity", "V", 60, secure=False)
     assert plain == "edge_affinity=V; Max-Age=60; Path=/; HttpOnly; SameSite=Lax"
     assert set_cookie("edge_affinity", "V", 60, secure=True).endswith("; Secure")
+
+
+class Wall:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_issued_cookie_names_the_host_that_answered_first_then_the_others_held():
+    codec, wall = CookieCodec(SECRET, max_age_s=600), Wall()
+    issuer = CookieIssuer(codec, "edge_affinity", HostIds(), wall)
+    a, b, c = (host_id(f"http://{n}:1") for n in "abc")
+    issued = issuer.issue("http://b:1", (a, b, c), secure=False)
+    name, value = issued.split(";", 1)[0].split("=", 1)
+    assert name == "edge_affinity" and codec.decode(value, NOW + 599) == (b, a, c)
+    assert codec.decode(value, NOW + 600) == ()  # expires max_age after the second it was signed
+    assert issued.endswith("SameSite=Lax") and "Max-Age=600" in issued
+    only = issuer.issue("http://a:1", (), secure=True)
+    assert only.endswith("; Secure") and codec.decode(only.split(";")[0][14:], NOW) == (a,)
+
+
+def test_issued_cookies_are_signed_once_per_second_and_value():
+    wall = Wall()
+    issuer = CookieIssuer(CookieCodec(SECRET, 600), "edge_affinity", HostIds(), wall)
+    first = issuer.issue("http://a:1", (), secure=False)
+    wall.now += 0.9
+    assert issuer.issue("http://a:1", (), secure=False) is first  # cached: no HMAC
+    assert issuer.issue("http://a:1", (), secure=True) != first  # Secure is part of the key
+    assert issuer.issue("http://b:1", (), secure=False) != first
+    wall.now += 0.1  # the next second: a later expiry, so signed again
+    assert issuer.issue("http://a:1", (), secure=False) != first
+    assert "cached=1" in repr(issuer)  # the old second's values were dropped
 
 
 # --- keys -----------------------------------------------------------------------------------

@@ -1,22 +1,20 @@
-"""Balancer units: scores, policies, pins, affinity decisions, hedge budget, shared counts."""
+"""Balancer units: policies, pins, affinity decisions, hedge budget (statistics: test_stats.py).
+
+Picks go through health.candidates first, as the forwarder's do: the balancer weighs the hosts
+health allows and never judges health itself."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 import time
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
 
 from edge.config import from_mapping
 from edge.errors import BadRequest
 from edge.routing.balance import Balancer
-from edge.routing.fleet import EJECTED, Host
-from edge.routing.stats import FAILURE_PENALTY_S, HostStats, SharedLoad, sweep
+from edge.routing.fleet import EJECTED, LOADABLE, Host
+from edge.routing.health import candidates
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -46,68 +44,14 @@ def feed(host, ttfb, clock, times=5):
 
 
 def share(balancer, hosts, decision=None, picks=2000):
-    counts = Counter(balancer.pick(hosts, (), decision).url for _ in range(picks))
+    counts = Counter(
+        balancer.pick(candidates("m", hosts, ()), (), decision).url for _ in range(picks)
+    )
     return [counts[h.url] / picks for h in hosts]
 
 
 def decide(balancer, hosts, doc=None, **headers):
     return balancer.decide("m", hosts, doc or {"model": "m"}, headers)
-
-
-# --- the score ------------------------------------------------------------------------------
-
-
-def test_peak_ewma_takes_bad_news_at_once_and_good_news_gradually():
-    stats = HostStats()
-    stats.record(0.1, False, 0.0)
-    stats.record(2.0, False, 0.1)
-    assert stats.ttfb_ewma == 2.0  # peak
-    stats.record(0.1, False, 0.2)
-    assert 1.9 < stats.ttfb_ewma < 2.0  # 0.1 s later: barely moved
-    stats.record(0.1, False, 30.0)
-    assert stats.ttfb_ewma < 0.2  # long after: the sample dominates
-
-
-def test_a_failure_is_a_penalty_latency_and_counts_as_failing():
-    stats = HostStats()
-    stats.record(0.01, False, 0.0)
-    stats.record(None, True, 0.001)  # a 503 in 1 ms
-    assert stats.ttfb_ewma == FAILURE_PENALTY_S
-    assert stats.failing(1.0, 10.0) and not stats.failing(11.0, 10.0)
-    stats.record(0.01, False, 2.0)
-    assert not stats.failing(2.0, 10.0)
-
-
-def test_score_drifts_back_to_neutral_and_unsampled_is_neutral():
-    stats = HostStats()
-    assert stats.score(5.0, neutral=0.3, decay_s=10.0) == 0.3
-    stats.record(None, True, 0.0)
-    assert stats.score(0.0, 0.3, 10.0) == FAILURE_PENALTY_S
-    assert stats.score(10.0, 0.3, 10.0) == pytest.approx(0.3 + (5.0 - 0.3) / 2.718281828, 1e-3)
-    assert stats.score(100.0, 0.3, 10.0) == pytest.approx(0.3, abs=1e-3)
-
-
-def test_decode_rate_needs_streaming_after_the_first_byte():
-    stats = HostStats()
-    usage = SimpleNamespace(completion_tokens=100)
-    stats.record(0.1, False, 1.0, usage, duration_s=1.1)  # 100 tokens in 1 s after first byte
-    assert stats.rate_ewma == pytest.approx(100.0)
-    stats.record(0.5, False, 2.0, usage, duration_s=0.51)  # a non-streamed body: no rate
-    assert stats.rate_samples == 1
-
-
-def test_p95_needs_enough_samples_and_is_capped_at_four_medians():
-    stats = HostStats()
-    for i in range(7):
-        stats.record(0.01 * (i + 1), False, float(i))
-        assert (stats.p95() is None) == (i < 4)
-    for i in range(13):
-        stats.record(0.01, False, 10.0 + i)
-    stats.record(0.9, False, 30.0)
-    assert stats.p95() == 0.04  # the 95th percentile (0.07) is over four medians (0.01)
-    for i in range(10):
-        stats.record(0.05, False, 40.0 + i)
-    assert stats.p95() == 0.07
 
 
 # --- policies -------------------------------------------------------------------------------
@@ -186,8 +130,7 @@ def test_throughput_prefers_the_fastest_decoder():
     for host, rate in zip(hosts, (20.0, 80.0, 40.0), strict=True):
         for _ in range(3):
             clock.now += 0.1
-            usage = SimpleNamespace(completion_tokens=int(rate))
-            host.stats.record(0.1, False, clock.now, usage, duration_s=1.1)
+            host.stats.record(0.1, False, clock.now, int(rate), duration_s=1.1)
     low, high, mid = share(balancer, hosts, decide(balancer, hosts))
     assert high > mid > low
 
@@ -227,7 +170,8 @@ def test_unroutable_hosts_are_skipped():
     balancer, hosts, _ = make(2)
     hosts[0].state, hosts[0].until = EJECTED, time.monotonic() + 600  # health.py ejected it
     assert share(balancer, hosts, decide(balancer, hosts), picks=50) == [0.0, 1.0]
-    assert balancer.pick(hosts, [hosts[1]], decide(balancer, hosts)) is None
+    tried = [hosts[1]]
+    assert balancer.pick(candidates("m", hosts, tried), tried, decide(balancer, hosts)) is None
     for i in range(20):  # nor does affinity send anything there
         assert decide(balancer, hosts, {"user": f"u{i}"}).target in (None, hosts[1])
 
@@ -358,6 +302,20 @@ def test_hedging_is_off_by_default_and_bounded_by_its_budget():
     assert 18 <= hedges <= 21 and balancer.hedges == hedges
 
 
+def test_a_hedge_goes_only_to_a_candidate_not_tried_yet():
+    # hedge_host gets the model's whole list (unlike pick) and asks health.candidates itself.
+    balancer, hosts, _ = make(4, affinity=False, hedging=True, hedge_budget=1.0)
+    hosts[2].state, hosts[2].until = EJECTED, time.monotonic() + 600
+    hosts[3].ranks = {"m": LOADABLE}  # loads on demand: only when no loaded host is left
+    for _ in range(30):
+        assert balancer.hedge_host(hosts, [hosts[0]], decide(balancer, hosts)) is hosts[1]
+    assert balancer.hedge_host(hosts, hosts[:2], decide(balancer, hosts)) is hosts[3]
+    assert (
+        balancer.hedge_host(hosts, [hosts[0], hosts[1], hosts[3]], decide(balancer, hosts)) is None
+    )
+    assert balancer.hedges == 31  # a hedge with no host to go to spends nothing
+
+
 def test_hedge_delay_is_the_hosts_p95_capped_at_four_medians():
     balancer, hosts, clock = make(3, hedging=True, hedge_min_delay_s=0.01)
     for _ in range(20):
@@ -387,79 +345,3 @@ def test_a_host_stuck_without_a_first_byte_is_avoided_while_it_stalls():
     hosts[0].stats.answered(token)
     assert hosts[0].stats.waited(clock.now) == 0.0
     assert share(balancer, hosts, d, picks=100)[0] == 1.0
-
-
-# --- shared in-flight counts ----------------------------------------------------------------
-
-
-def test_shared_load_shows_each_worker_the_others_counts(tmp_path):
-    path = str(tmp_path / "load")
-    a, b = SharedLoad(path, rows=4, row=0), SharedLoad(path, rows=4, row=1)
-    try:
-        mine, theirs = Host("http://10.0.0.1:8000"), Host("http://10.0.0.1:8000")
-        mine.inflight, theirs.inflight = 2, 5
-        a.publish([mine])
-        b.publish([theirs])
-        a.publish([mine])
-        assert mine.stats.remote_inflight == 5 and theirs.stats.remote_inflight == 2
-        theirs.inflight = 0
-        b.publish([])  # the host left b's fleet: its count goes with it
-        a.publish([mine])
-        assert mine.stats.remote_inflight == 0
-    finally:
-        b.close()
-        a.close()
-    assert not (tmp_path / "load").exists()
-
-
-def test_shared_load_reaps_a_dead_workers_row(tmp_path):
-    path = str(tmp_path / "load")
-    child = textwrap.dedent(f"""
-        import sys
-        from edge.routing.fleet import Host
-        from edge.routing.stats import SharedLoad
-        shared = SharedLoad({path!r}, rows=4)
-        host = Host("http://10.0.0.1:8000")
-        host.inflight = 7
-        shared.publish([host])
-        print(shared.row, flush=True)
-        sys.stdin.read()
-    """)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", child], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        row = int(proc.stdout.readline())
-        ours = SharedLoad(path, rows=4, row=3)
-        host = Host("http://10.0.0.1:8000")
-        ours.publish([host])
-        assert host.stats.remote_inflight == 7 and row == 0
-        assert ours.reap() == 0  # alive: its lock holds
-        proc.kill()
-        proc.wait(timeout=10)
-        assert ours.reap() == 1
-        ours.publish([host])
-        assert host.stats.remote_inflight == 0
-        ours.close()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        proc.stdin.close()
-        proc.stdout.close()
-
-
-def test_sweep_removes_only_tables_of_supervisors_that_are_gone(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait(timeout=10)
-    names = [
-        f"edge-load-{dead.pid}-8080",
-        f"edge-load-{os.getpid()}-8080",
-        "edge-load-x-1",
-        "other",
-    ]
-    for name in names:
-        (tmp_path / name).write_bytes(b"")
-    assert sweep(str(tmp_path)) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])

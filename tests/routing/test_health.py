@@ -131,7 +131,7 @@ def test_table_only_names_known_states_and_removed_absorbs_everything():
     assert fleet.models["m"] == (kept,) and kept.state == UP and gone.state == REMOVED
     for event in (health.started, health.failed, health.succeeded, health.released):
         event(gone)
-    assert gone.state == REMOVED and not gone.routable
+    assert gone.state == REMOVED and not gone.routable_at(time.monotonic())
 
 
 def test_candidates_rank_loaded_before_loadable_and_fallback_trials_the_soonest():

@@ -1,8 +1,8 @@
 """Per-key usage for Prometheus: requests, tokens and cost by key id, workspace and model.
 
-As in `metrics.py`, the hot path only adds to plain dicts keyed by label tuples (one worker, one
-loop: no locks) and the families are built at scrape time by this collector, registered on the
-worker's `Metrics.registry` (so they are also shared across `--workers`).
+As in `edge/observe/metrics.py`, the hot path only adds to plain dicts keyed by label tuples (one
+worker, one loop: no locks) and the families are built at scrape time by this collector, registered
+on the worker's `Metrics.registry` (so they are also shared across `--workers`).
 
 Label sets stay bounded: a key id is only ever a label for a key found in the store, and a model
 only for one the fleet serves (an unknown model is answered 404 before usage is counted). The
@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edge.observe.metrics import Usage
+from edge.observe.record import Usage
 
 Counts = dict[tuple[str, ...], float]
 

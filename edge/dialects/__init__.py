@@ -1,0 +1,37 @@
+"""The APIs clients speak to the edge: OpenAI's, Anthropic's and Google's (Gemini).
+
+A request's dialect is decided from its path alone, before anything else is read, so that even a
+request refused at the front door gets its error in the shape its SDK parses. The error shapes
+themselves are in `edge.dialects.errors`; both sit below the HTTP server, the proxy and routing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+OPENAI: Final = "openai"
+ANTHROPIC: Final = "anthropic"
+GEMINI: Final = "gemini"
+
+_WORKSPACE_ID = re.compile(r"[0-9a-f]{24}")  # Liara's workspace ids
+
+
+def split_workspace(path: str) -> tuple[str, str]:
+    """(workspace id, the plain path) for `/api/{24 hex}/v1...` paths; ("", path) otherwise."""
+    if path.startswith("/api/") and path.startswith("/v1", 29):
+        workspace = path[5:29]
+        if _WORKSPACE_ID.fullmatch(workspace):
+            return workspace, path[29:]
+    return "", path
+
+
+def dialect_of(path: str) -> str:
+    """Which API's error shape a path speaks, decided from the path alone."""
+    if path.startswith("/api/"):
+        path = split_workspace(path)[1]
+    if path.startswith("/v1beta/"):
+        return GEMINI
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return ANTHROPIC
+    return OPENAI

@@ -1,0 +1,62 @@
+"""Every error body the edge writes, in the shape of the API the client spoke: the one renderer.
+
+A JSON answer (`error_body`, `error_json`) for errors before a response started, and the final
+SSE event (`error_event`) for a stream that ends early. OpenAI's shape also carries `detail`, the
+key LibertAI clients read. Messages are client-safe by contract (edge.errors): never a key, a
+prompt or upstream output.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import orjson
+
+from edge.dialects import ANTHROPIC, GEMINI
+from edge.errors import EdgeError
+
+_GOOGLE_STATUS: Final = {
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+    405: "UNIMPLEMENTED", 408: "DEADLINE_EXCEEDED", 413: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE",
+}  # fmt: skip
+_ANTHROPIC_TYPE: Final = {
+    401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+}  # fmt: skip
+STREAM_FAILED: Final = "The model server failed while streaming this response."
+
+
+def error_body(err: EdgeError, dialect: str) -> bytes:
+    """An EdgeError as the JSON body of its status."""
+    return error_json(err.status, err.message, err.kind, dialect, err.param, err.code)
+
+
+def error_json(
+    status: int, message: str, kind: str, dialect: str, param: str | None = None,
+    code: str | None = None,
+) -> bytes:  # fmt: skip
+    """The error body for `status`; `kind` is OpenAI's error.type (the other shapes map from
+    the status)."""
+    if dialect == ANTHROPIC:
+        atype = _ANTHROPIC_TYPE.get(status, "invalid_request_error")
+        if status >= 500 and status != 503:
+            atype = "api_error"
+        return orjson.dumps({"type": "error", "error": {"type": atype, "message": message}})
+    if dialect == GEMINI:
+        gstatus = _GOOGLE_STATUS.get(status, "INTERNAL")
+        return orjson.dumps({"error": {"code": status, "message": message, "status": gstatus}})
+    body = {"message": message, "type": kind, "param": param, "code": code}
+    return orjson.dumps({"error": body, "detail": message})
+
+
+def error_event(dialect: str, message: str = STREAM_FAILED) -> bytes:
+    """The final SSE event that tells a streaming client its answer ended early."""
+    if dialect == ANTHROPIC:
+        doc = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return b"event: error\ndata: " + orjson.dumps(doc) + b"\n\n"
+    if dialect == GEMINI:
+        body = {"error": {"code": 502, "message": message, "status": "UNAVAILABLE"}}
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+    err = {"message": message, "type": "server_error", "param": None, "code": "upstream_error"}
+    return b"data: " + orjson.dumps({"error": err}) + b"\n\n"

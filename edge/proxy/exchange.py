@@ -1,0 +1,216 @@
+"""One proxied request, top to bottom: key, body, routing decision, admission, attempts, relay,
+and the record of what happened.
+
+`Proxy` holds what every request of a worker shares (the fleet view, the forwarder, the gate,
+metrics, the access log); `Exchange` is one request's state, built per request so that the steps
+read in order and the record at the end sees everything they learnt. An EdgeError raised by any
+step becomes the error body of the client's dialect; a client that leaves cancels the task, and
+the record says so; every path releases the admission and ends the attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from edge.access.auth import Admission, Gate, Principal
+from edge.config import ServerSettings
+from edge.dialects import dialect_of
+from edge.dialects.errors import error_body
+from edge.errors import EdgeError, NotFound
+from edge.http.heads import render
+from edge.http.server import Reply, Request
+from edge.observe.accesslog import AccessLog, KeyUse
+from edge.observe.metrics import Metrics
+from edge.observe.record import RequestRecord, Usage
+from edge.proxy.forward import Forwarder, Upstream
+from edge.proxy.outbound import RequestIds, upstream_headers
+from edge.proxy.relay import Relayed, relay
+from edge.proxy.route import ProxyRequest, parse
+from edge.routing.attempt import OK, STREAM_ERROR
+from edge.routing.balance import Decision
+from edge.routing.fleet import FleetView
+
+JSON = "application/json"
+
+
+def error_reply(err: EdgeError, dialect: str, rid: str | None = None) -> Reply:
+    """An EdgeError as a whole reply: its status, its headers, its body in `dialect`'s shape."""
+    fields = list(err.headers.items()) if err.headers else []
+    if rid:
+        fields.append(("X-Request-ID", rid))
+    return Reply(error_body(err, dialect), err.status, JSON, render(fields))
+
+
+class Proxy:
+    """What the proxied requests of one worker share."""
+
+    def __init__(
+        self,
+        view: FleetView,
+        forwarder: Forwarder,
+        metrics: Metrics,
+        settings: ServerSettings,
+        gate: Gate | None,
+        access: AccessLog,
+    ) -> None:
+        self.view = view
+        self.forwarder = forwarder
+        self.balancer = forwarder.balancer
+        self.metrics = metrics
+        self.settings = settings
+        self.gate = gate  # None in passthrough mode: the proxy path then does no auth work
+        self.access = access
+        self.request_id = RequestIds()
+        self.cookie: tuple[str | None, bytes] = (None, b"")  # the last Set-Cookie, rendered
+
+    async def __call__(self, request: Request) -> None:
+        await Exchange(self, request).run()
+
+    def __repr__(self) -> str:
+        return f"<Proxy {self.view!r} {self.forwarder!r}>"
+
+
+class Exchange:
+    """One proxied request's state, from its head to its record."""
+
+    __slots__ = (
+        "proxy", "request", "rid", "started", "model", "asked", "route", "bytes_in", "sent_at",
+        "principal", "adm", "status", "usage",
+    )  # fmt: skip
+
+    def __init__(self, proxy: Proxy, request: Request) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.rid = proxy.request_id(request)
+        self.started = time.monotonic()
+        self.model = ""  # set once the model is known to be served here
+        self.asked = ""  # the model the body named, served or not (the access log's)
+        self.route = "unknown"
+        self.bytes_in = 0
+        self.sent_at = 0.0  # when the first attempt was about to start
+        self.principal: Principal | None = None
+        self.adm: Admission | None = None
+        self.status = 499  # until answered: nginx's code for a client that left first
+        self.usage: Usage | None = None
+
+    async def run(self) -> None:
+        try:
+            up, preq, decision = await self._open()
+            try:
+                extra = self._extra(up, decision)
+                self._record(up, preq, decision, await relay(self.request, up, preq.dialect, extra))
+            finally:
+                self.proxy.forwarder.done(up)
+        except EdgeError as err:
+            self._refused(err)
+        except asyncio.CancelledError:
+            self._abandoned()
+            raise
+        finally:
+            if self.adm is not None and self.proxy.gate is not None:
+                self.proxy.gate.release(self.adm, self.model, self.status, self.usage)
+
+    async def _open(self) -> tuple[Upstream, ProxyRequest, Decision]:
+        """Everything before the first byte: the key (checked before the body is read: no 32 MB
+        upload from a stranger), the body, the hosts, routing, admission, the attempts."""
+        proxy, request, gate = self.proxy, self.request, self.proxy.gate
+        self.principal = gate.identify(request) if gate is not None else None
+        preq = await parse(request)
+        self.route, self.asked, self.bytes_in = preq.route, preq.model, len(preq.body)
+        hosts = proxy.view.fleet.hosts(preq.model)
+        if not hosts:
+            raise _unknown_model(preq.model)
+        self.model = preq.model
+        # Routing (edge/routing/balance.py): policy, X-Edge-Server pin (400 if unknown), affinity.
+        decision = proxy.balancer.decide(preq.model, hosts, preq.doc, request.headers)
+        if gate is not None:
+            self.adm = await gate.admit(self.principal, preq, hosts)
+        adm = self.adm
+        headers = upstream_headers(request, self.rid, adm.upstream if adm is not None else None)
+        self.sent_at = time.monotonic()
+        up = await proxy.forwarder.open(preq, hosts, headers, decision)
+        return up, preq, decision
+
+    def _extra(self, up: Upstream, decision: Decision) -> bytes:
+        """The edge's own response headers: the request id, the serving host (when exposed),
+        the affinity cookie, the admission's (rate limit) fields."""
+        proxy = self.proxy
+        extra = b"X-Request-ID: %b\r\n" % self.rid.encode("latin-1", "replace")
+        if proxy.settings.expose_server:
+            extra += b"X-Edge-Server: %b\r\n" % up.host.url.encode()
+        cookie = proxy.balancer.served(decision, up.host, self.request.secure)
+        if cookie is not None:  # re-signed each second, so rendered once a second too
+            if cookie is not proxy.cookie[0]:
+                proxy.cookie = (cookie, b"Set-Cookie: %b\r\n" % cookie.encode())
+            extra += proxy.cookie[1]
+        if self.adm is not None:
+            extra += render(self.adm.headers.items())
+        return extra
+
+    def _record(self, up: Upstream, preq: ProxyRequest, decision: Decision, done: Relayed) -> None:
+        """The answer went out: the attempt's end, then the request's record."""
+        self.status, self.usage = done.status, done.usage
+        attempt = up.attempt
+        tokens = done.usage.completion_tokens if done.usage is not None else None
+        attempt.finish(OK if done.outcome == "ok" else STREAM_ERROR, done.ended_at, tokens)
+        first_at = attempt.started + (attempt.ttfb_s or 0.0)  # the upstream's first body byte
+        self._write(
+            RequestRecord(
+                self.model, up.host, self.route, done.status, done.outcome,
+                time.monotonic() - self.started, done.bytes_out, done.usage, up.tries,
+                self.bytes_in, preq.stream, done.first_sent_at - self.started,
+                done.ended_at - first_at,
+                first_at - self.sent_at + done.ended_at - done.first_sent_at, decision.affinity,
+            )
+        )  # fmt: skip
+
+    def _refused(self, err: EdgeError) -> None:
+        """Answered by the edge itself: the record, then the error in the client's dialect."""
+        self.status = err.status
+        now = time.monotonic()
+        self._write(
+            RequestRecord(
+                self.model, None, self.route, err.status, "edge_error", now - self.started,
+                attempts=getattr(err, "attempts", 0), bytes_in=self.bytes_in,
+                upstream_s=now - self.sent_at if self.sent_at else 0.0,
+            )
+        )  # fmt: skip
+        request = self.request
+        request.conn.reply(request, error_reply(err, dialect_of(request.path), self.rid))
+
+    def _abandoned(self) -> None:
+        now = time.monotonic()
+        self._write(
+            RequestRecord(
+                self.model, None, self.route, 499, "client_disconnect", now - self.started,
+                bytes_in=self.bytes_in, upstream_s=now - self.sent_at if self.sent_at else 0.0,
+            )
+        )  # fmt: skip
+
+    def _write(self, record: RequestRecord) -> None:
+        """The request's record: metrics and the access log."""
+        proxy = self.proxy
+        proxy.metrics.finished(record)
+        if proxy.access.enabled:
+            proxy.access.write(record, self.rid, self.request.remote, self.asked, self._key_use())
+
+    def _key_use(self) -> KeyUse | None:
+        """For the access log: which key (its short id), its workspace, and what it cost."""
+        principal, gate, usage = self.principal, self.proxy.gate, self.usage
+        if principal is None or gate is None:
+            return None
+        cost = gate.meter.cost_of(self.model, usage) if usage is not None and self.model else None
+        return principal.key_id, principal.workspace, cost
+
+    def __repr__(self) -> str:
+        return f"<Exchange {self.rid} {self.route} {self.model} {self.status}>"
+
+
+def _unknown_model(model: str) -> NotFound:
+    shown = model if len(model) <= 200 else model[:200] + "..."
+    return NotFound(
+        f"The model '{shown}' does not exist here; GET /v1/models lists the models served.",
+        param="model",
+        code="model_not_found",
+    )
