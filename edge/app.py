@@ -35,6 +35,7 @@ from edge.observe.accesslog import AccessLog
 from edge.observe.metrics import Metrics
 from edge.observe.metricshare import remove_shared
 from edge.proxy.connections import make_pool, make_session
+from edge.proxy.exchange import Proxy
 from edge.proxy.forward import Forwarder
 from edge.proxy.handler import EdgeHandler, Lifecycle
 from edge.routing.attempt import Attempts
@@ -79,10 +80,10 @@ class Worker:
         self.gate = build_gate(config.auth, self.metrics.registry)  # None: passthrough
         if self.gate is not None and self.gate.upstream:
             self.forwarder.credentials = self.gate.upstream.for_host
-        self.handler = EdgeHandler(
-            self.view, self.forwarder, self.metrics, config.server, self.life, self.gate,
-            access=self.access,
-        )  # fmt: skip
+        self.proxy = Proxy(
+            self.view, self.forwarder, self.metrics, config.server, self.gate, self.access
+        )
+        self.handler = EdgeHandler(self.proxy, self.life)
         self.web = Server(self.handler, limits(config.server))
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []

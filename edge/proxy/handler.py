@@ -13,15 +13,12 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 
-from edge.access.auth import Gate, passthrough_check
-from edge.config import LogSettings, ServerSettings
+from edge.access.auth import passthrough_check
 from edge.dialects import dialect_of, split_workspace
 from edge.errors import EdgeError, MethodNotAllowed, NotFound
 from edge.http.server import Reply, Request
-from edge.observe.accesslog import AccessLog
 from edge.observe.metrics import CONTENT_TYPE, Metrics
 from edge.proxy.exchange import Proxy, error_reply
-from edge.proxy.forward import Forwarder
 from edge.proxy.route import is_proxied
 from edge.routing.fleet import Fleet, FleetView
 from edge.routing.health import describe
@@ -93,21 +90,10 @@ Handler = Callable[[Request], Awaitable[Reply]]
 class EdgeHandler:
     """The http.server.Server handler for one worker."""
 
-    def __init__(
-        self,
-        view: FleetView,
-        forwarder: Forwarder,
-        metrics: Metrics,
-        settings: ServerSettings,
-        life: Lifecycle,
-        gate: Gate | None = None,
-        access: AccessLog | None = None,
-    ) -> None:
-        self.view = view
-        self.proxy = Proxy(
-            view, forwarder, metrics, settings, gate, access or AccessLog(LogSettings())
-        )  # the access log's default: off
-        local = _Local(view, metrics, life)
+    def __init__(self, proxy: Proxy, life: Lifecycle) -> None:
+        self.proxy = proxy  # every path below /v1/ and /v1beta/models/
+        gate = proxy.gate
+        local = _Local(proxy.view, proxy.metrics, life)
         self._local: dict[str, Handler] = {
             "/v1/models": local.models,
             "/libertai/models": local.registry,
