@@ -44,6 +44,7 @@ from edge.routing.discovery import Discovery
 from edge.routing.engines import Scraper
 from edge.routing.fleet import FleetView, HostTable
 from edge.routing.health import Health, Prober
+from edge.routing.speaks import Speaks
 from edge.routing.stats import SharedLoad, table_path
 
 log = logging.getLogger("edge.app")
@@ -71,8 +72,9 @@ class Worker:
         self.balancer = Balancer(config.routing)
         # Every attempt's end is read once, into the host, health, statistics and metrics.
         self.attempts = Attempts(self.health, listener=self.metrics.attempted)
+        self.speaks = Speaks(config.dialects, config.routing.dialect_memory_s)
         self.forwarder = Forwarder(
-            self.pool, self.balancer, self.attempts, self.metrics, config.upstream
+            self.pool, self.balancer, self.attempts, self.metrics, config.upstream, self.speaks
         )
         # Routing's helpers: engines' own /metrics (if configured), in-flight shared by workers.
         self.scraper = Scraper(config.routing, self.view, self.session)
@@ -121,6 +123,7 @@ class Worker:
         fresh = replace(fresh, discovery=replace(fresh.discovery, sources=self._sources(fresh)))
         self.discovery.reconfigure(fresh.discovery, fresh.static)
         self.balancer.reconfigure(fresh.routing)
+        self.speaks.reconfigure(fresh.dialects, fresh.routing.dialect_memory_s)
         self.scraper.settings = fresh.routing
         self.forwarder.settings = fresh.upstream
         self.health.reconfigure(fresh.health, fresh.outlier)

@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 
 class ConfigError(ValueError):
@@ -195,6 +195,9 @@ class RoutingSettings:
     scrape: tuple[str, ...] = ()  # server URL prefixes whose /metrics are read ("*": all)
     scrape_interval_s: float = 5.0
     scrape_timeout_s: float = 2.0
+    # How long a server that answered 404/405 on a dialect's path (Anthropic's, Gemini's) is
+    # taken not to speak it: requests in that dialect go to it translated to OpenAI's meanwhile.
+    dialect_memory_s: float = 600.0
     models: Mapping[str, ModelRouting] = field(
         default_factory=dict, metadata={"entry": ModelRouting}
     )
@@ -231,6 +234,8 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     # model id -> server URLs named in the config file itself.
     static: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # server URL prefix -> the dialects those servers speak ([dialects]); others are learnt.
+    dialects: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -258,7 +263,7 @@ def load(path: str | Path | None = None, **overrides: Any) -> Config:
 
 
 def from_mapping(raw: Mapping[str, Any], **overrides: Any) -> Config:
-    unknown = set(raw) - set(_SECTIONS) - {"models"}
+    unknown = set(raw) - set(_SECTIONS) - {"models", "dialects"}
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
     sections = {name: _section(cls, name, raw.get(name, {})) for name, cls in _SECTIONS.items()}
@@ -272,7 +277,11 @@ def from_mapping(raw: Mapping[str, Any], **overrides: Any) -> Config:
         sections["auth"] = dataclasses.replace(
             sections["auth"], redis_url=os.environ["EDGE_REDIS_URL"]
         )
-    config = Config(static=_static_models(raw.get("models", {})), **sections)
+    config = Config(
+        static=_static_models(raw.get("models", {})),
+        dialects=_dialects(raw.get("dialects", {})),
+        **sections,
+    )
     validate(config)
     return config
 
@@ -321,6 +330,22 @@ def _static_models(models: Any) -> dict[str, tuple[str, ...]]:
         if not isinstance(servers, list) or not all(isinstance(s, str) for s in servers):
             raise ConfigError(f'models."{model}".servers must be a list of URLs')
         out[model] = tuple(servers)
+    return out
+
+
+DIALECTS: Final = ("openai", "anthropic", "gemini")
+
+
+def _dialects(table: Any) -> dict[str, tuple[str, ...]]:
+    if not isinstance(table, Mapping):
+        raise ConfigError("[dialects] must be a table of server URL prefixes")
+    out: dict[str, tuple[str, ...]] = {}
+    for prefix, spoken in table.items():
+        if not isinstance(spoken, list) or not spoken or any(d not in DIALECTS for d in spoken):
+            raise ConfigError(
+                f'dialects."{prefix}" must be a non-empty list of: {", ".join(DIALECTS)}'
+            )
+        out[prefix] = tuple(spoken)
     return out
 
 
@@ -395,6 +420,7 @@ def _routing_checks(r: RoutingSettings) -> list[tuple[bool, str]]:
         (r.load_factor >= 1.0, "routing.load_factor must be >= 1"),
         (r.decay_s > 0 and r.scrape_interval_s > 0 and r.scrape_timeout_s > 0,
          "routing.decay_s, scrape_interval_s and scrape_timeout_s must be > 0"),
+        (r.dialect_memory_s > 0, "routing.dialect_memory_s must be > 0"),
         (0.0 <= r.hedge_budget <= 1.0, "routing.hedge_budget must be 0..1"),
         (r.hedge_min_delay_s >= 0, "routing.hedge_min_delay_s must be >= 0"),
         (all(p.input >= 0 and p.output >= 0 for p in prices), "routing prices must be >= 0"),

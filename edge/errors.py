@@ -86,6 +86,14 @@ class Unprocessable(EdgeError):
     kind = "invalid_request_error"
 
 
+class Unsupported(EdgeError):
+    """A call the model's servers cannot serve: of the client's API, only message generation is
+    translated for servers that speak only OpenAI's."""
+
+    status = 501
+    kind = "invalid_request_error"
+
+
 class Unavailable(EdgeError):
     """No server could take the request: none known, none healthy, or every attempt failed."""
 

@@ -1,6 +1,7 @@
 """The edge's own Python CPU per proxied request, with the sockets taken out.
 
     .venv/bin/python loadtests/hotpath.py [--requests 20000] [--rounds 5] [--stream]
+        [--dialect anthropic|gemini [--translate]]
 
 A whole worker (edge/app.py's Worker, default config, one model on one server) answers requests
 fed straight into its client-side protocol; its pooled upstream connection has a transport
@@ -9,7 +10,9 @@ Everything between the bytes of a request and the bytes of its answer runs (pars
 affinity, the attempt, the relay, metrics), and no system call does, so the figure is the
 interpreter's work alone and moves little with other load on the machine: the number to
 watch while making the hot path leaner. The median over rounds is printed, in microseconds per
-request (or per relayed chunk with --stream, 50 chunks a request).
+request (or per relayed chunk with --stream, 50 chunks a request). With --dialect the client
+speaks Anthropic's or Gemini's API; with --translate its server speaks only OpenAI's, so each
+relayed event is translated (edge/proxy/translate.py) instead of passed through.
 """
 
 from __future__ import annotations
@@ -49,6 +52,28 @@ ANSWER = (
     % len(BODY)
 ) + BODY
 CHUNK = b'data: {"choices":[{"delta":{"content":"%s"}}]}\n\n' % (b"x" * 120)
+# The same request in each dialect (--dialect), for the cost of translating its answer.
+DIALECT_REQUESTS = {
+    "anthropic": (
+        b"/v1/messages",
+        b'{"model":"m","max_tokens":64,"stream":true,'
+        b'"messages":[{"role":"user","content":"hello there"}]}',
+    ),
+    "gemini": (
+        b"/v1beta/models/m:streamGenerateContent?alt=sse",
+        b'{"contents":[{"role":"user","parts":[{"text":"hello there"}]}]}',
+    ),
+}
+
+
+def request_in(dialect: str) -> bytes:
+    if dialect == "openai":
+        return REQUEST
+    path, body = DIALECT_REQUESTS[dialect]
+    return (
+        b"POST %b HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (path, len(body), body)
+    )
 
 
 class _Transport:
@@ -72,8 +97,14 @@ class _Transport:
         return False
 
 
-async def run(requests: int, rounds: int, stream: bool) -> list[float]:
-    config = from_mapping({"models": {"m": {"servers": [UPSTREAM]}}, "health": {"enabled": False}})
+async def run(
+    requests: int, rounds: int, stream: bool, dialect: str = "openai", translate: bool = False
+) -> list[float]:
+    raw: dict[str, Any] = {"models": {"m": {"servers": [UPSTREAM]}}, "health": {"enabled": False}}
+    if translate:
+        raw["dialects"] = {UPSTREAM: ["openai"]}  # the answer is translated, event by event
+    config = from_mapping(raw)
+    request = request_in(dialect)
     worker = Worker(config)
     await worker.start(bind("127.0.0.1", 0, False))
     loop = asyncio.get_running_loop()
@@ -117,7 +148,7 @@ async def run(requests: int, rounds: int, stream: bool) -> list[float]:
         began = time.process_time()
         for _ in range(requests):
             done.append(loop.create_future())
-            client.data_received(REQUEST)
+            client.data_received(request)
             await asyncio.wait_for(done[-1], 5)
             done.clear()
         spent = time.process_time() - began
@@ -132,8 +163,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument(
+        "--dialect", choices=["openai", "anthropic", "gemini"], default="openai",
+        help="the client's API (the upstream answers OpenAI's stream either way)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--translate", action="store_true",
+        help="the server speaks only OpenAI's API: the answer is translated to --dialect's",
+    )  # fmt: skip
     args = parser.parse_args()
-    per = uvloop.run(run(args.requests, args.rounds, args.stream))
+    per = uvloop.run(run(args.requests, args.rounds, args.stream, args.dialect, args.translate))
     unit = "relayed chunk" if args.stream else "request"
     shown = " ".join(f"{v:.1f}" for v in per)
     median = statistics.median(per)

@@ -1,8 +1,9 @@
 """Shared fixtures: real servers on loopback, started in-process or as subprocesses.
 
 - `start_mock(**MockOptions fields)` -> base URL of an in-process mock model server.
-- `start_edge(models={model: [urls]}, **overrides)` -> a running in-process edge `Worker`
-  (its `.url` is the base URL); overrides use config's `section__setting=value` form.
+- `start_edge(models={model: [urls]}, dialects={url prefix: [dialects]}, **overrides)` -> a
+  running in-process edge `Worker` (its `.url` is the base URL); overrides use config's
+  `section__setting=value` form.
 - `procs` -> a `Procs` registry (tests/procs.py) for subprocess servers, killed at teardown.
 
 Every test gets a cache directory of its own (`XDG_CACHE_HOME`, inherited by the subprocesses
@@ -51,8 +52,16 @@ async def start_mock(aiohttp_server: Any) -> Callable[..., Awaitable[str]]:
 async def start_edge() -> AsyncIterator[Callable[..., Awaitable[EdgeUnderTest]]]:
     workers: list[Worker] = []
 
-    async def start(models: dict[str, list[str]] | None = None, **overrides: Any) -> EdgeUnderTest:
-        raw = {"models": {m: {"servers": urls} for m, urls in (models or {}).items()}}
+    async def start(
+        models: dict[str, list[str]] | None = None,
+        dialects: dict[str, list[str]] | None = None,
+        **overrides: Any,
+    ) -> EdgeUnderTest:
+        raw: dict[str, Any] = {
+            "models": {m: {"servers": urls} for m, urls in (models or {}).items()}
+        }
+        if dialects is not None:
+            raw["dialects"] = dialects
         config = from_mapping(raw, **overrides)
         worker = Worker(config)
         sock = bind("127.0.0.1", 0, reuse_port=False)

@@ -25,9 +25,12 @@ _EXAMPLE_LINE = re.compile(r'^# (\[[^\]]+\]|(?:[A-Za-z_][\w-]*|"[^"]+") = .+)$')
 
 
 def sections(config: Config) -> dict[str, Any]:
-    """Section name -> its settings dataclass ([models] is `static`, not a settings section)."""
+    """Section name -> its settings dataclass ([models] is `static`, and [dialects] a table of
+    server URL prefixes: neither is a settings section)."""
     return {
-        f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "static"
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name not in ("static", "dialects")
     }
 
 
@@ -67,8 +70,9 @@ def test_example_sets_every_setting_to_its_default():
     example, defaults = load(EXAMPLE), from_mapping({})
     for name, settings in sections(without_secrets(example)).items():
         assert settings == sections(without_secrets(defaults))[name], f"[{name}] drifted"
-    assert example.static == {}
+    assert example.static == {} and example.dialects == {}
     assert without_secrets(example) == without_secrets(defaults)
+    assert '# [dialects]\n# "http://10.0.1." = ["openai"]' in EXAMPLE.read_text(encoding="utf-8")
 
 
 def test_every_setting_is_documented_in_the_example():
@@ -202,3 +206,14 @@ def test_redis_url_comes_from_the_environment_when_the_file_leaves_it_empty(monk
     assert load(EXAMPLE).auth.redis_url == "redis://:pw@127.0.0.1:6390/0"
     configured = from_mapping({"auth": {"redis_url": "redis://127.0.0.1:1/0"}})
     assert configured.auth.redis_url == "redis://127.0.0.1:1/0"  # the file wins when it names one
+
+
+def test_dialects_table_names_known_apis_per_server_prefix():
+    config = from_mapping({"dialects": {"http://10.0.1.": ["openai"]}})
+    assert config.dialects == {"http://10.0.1.": ("openai",)}
+    bads: list[Any] = [{"http://a": "openai"}, {"http://a": []}, {"http://a": ["grpc"]}, []]
+    for bad in bads:
+        with pytest.raises(ConfigError, match="dialects"):
+            from_mapping({"dialects": bad})
+    with pytest.raises(ConfigError, match="dialect_memory_s"):
+        from_mapping({"routing": {"dialect_memory_s": 0.0}})

@@ -7,6 +7,12 @@ A test control of the mock only (never of the edge, which forwards only API path
 /_mock/fault` with a JSON `Fault` (`{}` clears it) makes every request that follows slower,
 failing with a status, or its stream cut off after some events, until the next one; `GET
 /_mock/fault` says which is in force. Chaos runs (loadtests/chaos) switch faults with it.
+`GET /_mock/requests` lists the last requests the model endpoints read (path and parsed body,
+newest last), so a test sees what the edge sent upstream; `DELETE /_mock/requests` forgets them.
+
+`MockOptions.speaks` names the dialects served: an unspoken one has no route and answers vLLM's
+404, as the engines people run do, so tests exercise the edge's translation to OpenAI. A chat
+request with `tools` is answered with one tool call (edge/dev/mockwire.py: tool_call).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import math
 import os
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,19 +37,27 @@ from multidict import istr
 from edge.dev.mockwire import (
     Events,
     Fault,
+    Reject,
     Turn,
+    anthropic_error,
     anthropic_events,
     cut_connection,
+    embedding_inputs,
     encode_vector,
     gemini_chunks,
     gemini_merge,
+    google_error,
     json_array,
+    openai_error,
     openai_usage,
     relevance,
+    rerank_text,
     sse,
     token_texts,
+    tool_call,
     vector,
 )
+from edge.dialects import ANTHROPIC, GEMINI, OPENAI
 
 __all__ = ["Fault", "MockOptions", "add_arguments", "build_app", "options_from_args", "serve"]
 
@@ -54,6 +69,9 @@ STATUS_HEADER = istr("X-Mock-Status")
 _OVERRIDES = (TTFT_HEADER, CHUNK_HEADER, TOKENS_HEADER)
 
 _SSE_DONE = b"data: [DONE]\n\n"
+_DIALECTS = (OPENAI, ANTHROPIC, GEMINI)
+REQUEST_LOG = 32  # requests GET /_mock/requests remembers, newest last
+TOOL_TOKENS = 5  # completion tokens a tool call counts, whatever the budget: its arguments are few
 
 # (chat?, streamed?) -> OpenAI "object" field; legacy completions use one name for both
 _OPENAI_OBJECTS = {
@@ -61,18 +79,6 @@ _OPENAI_OBJECTS = {
     (True, True): "chat.completion.chunk",
     (False, False): "text_completion",
     (False, True): "text_completion",
-}
-_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
-# status -> (Anthropic error type, Google status name)
-_DIALECT_NAMES = {
-    400: ("invalid_request_error", "INVALID_ARGUMENT"),
-    401: ("authentication_error", "UNAUTHENTICATED"),
-    403: ("permission_error", "PERMISSION_DENIED"),
-    404: ("not_found_error", "NOT_FOUND"),
-    429: ("rate_limit_error", "RESOURCE_EXHAUSTED"),
-    500: ("api_error", "INTERNAL"),
-    503: ("overloaded_error", "UNAVAILABLE"),
-    529: ("overloaded_error", "UNAVAILABLE"),
 }
 
 
@@ -89,10 +95,14 @@ class MockOptions:
     # An idle keep-alive connection is closed after this (aiohttp's default; uvicorn, under
     # vLLM, closes after 5 s): clients' pools must expect it.
     keepalive_s: float = 75.0
+    # The dialects served; OpenAI's always (every engine speaks it), the others optionally.
+    speaks: tuple[str, ...] = _DIALECTS
 
     def __post_init__(self) -> None:
         if not self.models:
             raise ValueError("a mock must serve at least one model")
+        if OPENAI not in self.speaks or not set(self.speaks) <= set(_DIALECTS):
+            raise ValueError(f"speaks must name openai and any of anthropic, gemini: {self.speaks}")
         if self.ttft_ms < 0 or self.chunk_ms < 0 or self.tokens < 0 or self.keepalive_s < 0:
             raise ValueError("delays, token counts and keepalive_s must be >= 0")
         if not 0.0 <= self.fail_rate <= 1.0:
@@ -110,44 +120,18 @@ class _Plan:
     partial: bool = False  # half of the next event's chunk goes out first
 
 
-@dataclass(eq=False)
-class _Reject(Exception):
-    """A request answered with an error; the route picks the dialect unless shape is set."""
-
-    status: int
-    message: str
-    param: str | None = None
-    code: str | None = None
-    shape: Renderer | None = None
-
-
-Renderer = Callable[[_Reject], dict[str, Any]]
+Renderer = Callable[[Reject], dict[str, Any]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Routed = Callable[[web.Request, _Plan], Awaitable[web.StreamResponse]]
 
 
-def _openai_error(err: _Reject) -> dict[str, Any]:
-    fallback = "server_error" if err.status >= 500 else "invalid_request_error"
-    kind = _OPENAI_TYPES.get(err.status, fallback)
-    return {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}
-
-
-def _dialect_names(status: int) -> tuple[str, str]:
-    return _DIALECT_NAMES.get(status) or _DIALECT_NAMES[500 if status >= 500 else 400]
-
-
-def _anthropic_error(err: _Reject) -> dict[str, Any]:
-    kind = _dialect_names(err.status)[0]
-    return {"type": "error", "error": {"type": kind, "message": err.message}}
-
-
-def _google_error(err: _Reject) -> dict[str, Any]:
-    status = _dialect_names(err.status)[1]
-    return {"error": {"code": err.status, "message": err.message, "status": status}}
-
-
 def _json(obj: object, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(obj), content_type="application/json")
+
+
+async def _unspoken(request: web.Request) -> web.StreamResponse:
+    """A dialect's path on a server that lacks it: vLLM's (FastAPI's) 404, before any body."""
+    return _json({"detail": "Not Found"}, 404)
 
 
 def _new_id(prefix: str) -> str:
@@ -182,7 +166,7 @@ def _limit(body: dict[str, Any], *keys: str) -> int | None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise _Reject(400, f"{key} must be a non-negative integer", param=key)
+            raise Reject(400, f"{key} must be a non-negative integer", param=key)
         return value
     return None
 
@@ -199,9 +183,9 @@ def _header(headers: Mapping[str, str], name: str, default: float, integral: boo
     try:
         value = int(raw) if integral else float(raw)
     except ValueError:
-        raise _Reject(400, f"{name} must be a number, got {raw!r}") from None
+        raise Reject(400, f"{name} must be a number, got {raw!r}") from None
     if value < 0 or not math.isfinite(value):
-        raise _Reject(400, f"{name} must be a finite number >= 0, got {raw!r}")
+        raise Reject(400, f"{name} must be a finite number >= 0, got {raw!r}")
     return value
 
 
@@ -215,9 +199,9 @@ async def _read_json(request: web.Request) -> tuple[bytes, dict[str, Any]]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise _Reject(400, "request body is not valid JSON") from None
+        raise Reject(400, "request body is not valid JSON") from None
     if not isinstance(body, dict):
-        raise _Reject(400, "request body must be a JSON object")
+        raise Reject(400, "request body must be a JSON object")
     return raw, body
 
 
@@ -244,27 +228,10 @@ async def _stream(
     return resp
 
 
-def _is_tokens(value: object) -> bool:
-    return isinstance(value, list) and all(type(v) is int for v in value)
-
-
-def _embedding_inputs(value: Any) -> list[str | list[int]]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value:
-        if _is_tokens(value):
-            return [value]
-        if all(isinstance(v, str) for v in value) or all(_is_tokens(v) for v in value):
-            return list(value)
-    raise _Reject(400, "input must be a string, strings, or token id lists", param="input")
-
-
-def _rerank_text(doc: object) -> str:
-    if isinstance(doc, str):
-        return doc
-    if isinstance(doc, dict) and isinstance(doc.get("text"), str):
-        return str(doc["text"])
-    raise _Reject(400, "documents must be strings or objects with text", param="documents")
+def _called(turn: Turn, body: dict[str, Any]) -> Turn:
+    """The chat turn as one tool call where the request asks for one; else unchanged."""
+    call = tool_call(body)
+    return turn if call is None else Turn(turn.model, turn.prompt, TOOL_TOKENS, False, call)
 
 
 class _Mock:
@@ -276,6 +243,8 @@ class _Mock:
         self.default_plan = _Plan(opts.ttft_ms, opts.chunk_ms, opts.tokens)
         self.rng = random.Random()
         self.fault: Fault | None = None
+        # Bodies kept as parsed, not copied: cheap, and the handlers only read them.
+        self.requests: deque[tuple[str, dict[str, Any]]] = deque(maxlen=REQUEST_LOG)
         created = int(time.time())
         listing = [
             {"id": m, "object": "model", "created": created, "owned_by": opts.name}
@@ -290,7 +259,7 @@ class _Mock:
         async def run(request: web.Request) -> web.StreamResponse:
             try:
                 return await handler(request, self.plan(request))
-            except _Reject as err:
+            except Reject as err:
                 return _json((err.shape or shape)(err), err.status)
 
         return run
@@ -300,7 +269,7 @@ class _Mock:
         if STATUS_HEADER in headers:
             raise self.scripted_failure(headers)
         if self.opts.fail_rate and self.rng.random() < self.opts.fail_rate:
-            raise _Reject(503, f"mock {self.opts.name} failed on purpose", code="mock_failure")
+            raise Reject(503, f"mock {self.opts.name} failed on purpose", code="mock_failure")
         if any(name in headers for name in _OVERRIDES):
             base = _Plan(
                 _header(headers, TTFT_HEADER, base.ttft_ms),
@@ -312,7 +281,7 @@ class _Mock:
     def faulty(self, plan: _Plan, fault: Fault) -> _Plan:
         if fault.status and self.rng.random() < fault.rate:
             message = f"mock {self.opts.name} fails on purpose (fault {fault.status})"
-            raise _Reject(fault.status, message, code="mock_fault")
+            raise Reject(fault.status, message, code="mock_fault")
         ttft, chunk = plan.ttft_ms + fault.ttft_ms, plan.chunk_ms + fault.chunk_ms
         return _Plan(ttft, chunk, plan.tokens, fault.cut_after, fault.partial)
 
@@ -322,29 +291,43 @@ class _Mock:
         try:
             _, body = await _read_json(request)
             self.fault = Fault(**body) if body else None
-        except _Reject as err:
-            return _json(_openai_error(err), err.status)
+        except Reject as err:
+            return _json(openai_error(err), err.status)
         except (TypeError, ValueError) as exc:  # an unknown field, a bad value
-            return _json(_openai_error(_Reject(400, f"bad fault: {exc}")), 400)
+            return _json(openai_error(Reject(400, f"bad fault: {exc}")), 400)
         return await self.get_fault(request)
 
     async def get_fault(self, request: web.Request) -> web.StreamResponse:
         fault = self.fault or Fault()
         return _json({"active": self.fault is not None, **dataclasses.asdict(fault)})
 
-    def scripted_failure(self, headers: Mapping[str, str]) -> _Reject:
+    async def list_requests(self, request: web.Request) -> web.StreamResponse:
+        return _json([{"path": path, "body": body} for path, body in self.requests])
+
+    async def clear_requests(self, request: web.Request) -> web.StreamResponse:
+        self.requests.clear()
+        return web.Response(status=204)
+
+    async def received(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
+        """A model endpoint's body, read, parsed and logged. Requests refused before it is read
+        (a scripted status, fail_rate, a fault's status, an unspoken dialect) are not logged."""
+        raw, body = await _read_json(request)
+        self.requests.append((request.path, body))
+        return raw, body
+
+    def scripted_failure(self, headers: Mapping[str, str]) -> Reject:
         status = int(_header(headers, STATUS_HEADER, 0, integral=True))
         if not 400 <= status <= 599:
-            return _Reject(400, f"{STATUS_HEADER} must be within 400..599, got {status}")
+            return Reject(400, f"{STATUS_HEADER} must be within 400..599, got {status}")
         message = f"scripted failure from mock {self.opts.name}"
-        return _Reject(status, message, code="mock_status", shape=_openai_error)
+        return Reject(status, message, code="mock_status", shape=openai_error)
 
     async def model_body(self, request: web.Request) -> tuple[bytes, dict[str, Any], str]:
-        raw, body = await _read_json(request)
+        raw, body = await self.received(request)
         model = body.get("model")
         if not isinstance(model, str) or model not in self.models:
             message = f"The model `{model}` does not exist on mock {self.opts.name}"
-            raise _Reject(404, message, param="model", code="model_not_found")
+            raise Reject(404, message, param="model", code="model_not_found")
         return raw, body, model
 
     def turn(self, model: str, prompt: int, plan: _Plan, limit: int | None) -> Turn:
@@ -376,14 +359,13 @@ class _Mock:
         prompt = _prompt(body.get("messages"), "content") + _words(body.get("prompt"))
         limit = _limit(body, "max_completion_tokens", "max_tokens")
         turn = self.turn(model, prompt, plan, limit)
+        turn = _called(turn, body) if chat else turn
         if body.get("stream") is True:
             return await _stream(
                 request, plan, self.openai_events(turn, chat, _include_usage(body))
             )
         answer = self.common(turn.model, chat, stream=False)
-        text: dict[str, Any] = {"text": turn.text}
-        if chat:
-            text = {"message": {"role": "assistant", "content": turn.text}}
+        text: dict[str, Any] = {"message": turn.chat_message()} if chat else {"text": turn.text}
         answer["choices"] = [{"index": 0, **text, "logprobs": None, "finish_reason": turn.finish}]
         answer["usage"] = openai_usage(turn)
         await _pause(plan.ttft_ms)
@@ -404,14 +386,16 @@ class _Mock:
         if include_usage:
             tail.append(sse({**base, "choices": [], "usage": openai_usage(turn)}))
         tail.append(_SSE_DONE)
+        if turn.call is not None:
+            return Events(head, (chunk({"delta": d}) for d in turn.call.deltas()), tail)
         return Events(head, (chunk(token(t)) for t in token_texts(turn.completion)), tail)
 
     async def embeddings(self, request: web.Request, plan: _Plan) -> web.StreamResponse:
         _, body, model = await self.model_body(request)
-        inputs = _embedding_inputs(body.get("input"))
+        inputs = embedding_inputs(body.get("input"))
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
-            raise _Reject(400, "encoding_format must be float or base64", param="encoding_format")
+            raise Reject(400, "encoding_format must be float or base64", param="encoding_format")
         data = [
             {"object": "embedding", "index": i, "embedding": encode_vector(vector(item), encoding)}
             for i, item in enumerate(inputs)
@@ -425,8 +409,8 @@ class _Mock:
         _, body, model = await self.model_body(request)
         query, docs = body.get("query"), body.get("documents")
         if not isinstance(query, str) or not isinstance(docs, list):
-            raise _Reject(400, "rerank needs a query string and a documents list")
-        texts = [_rerank_text(doc) for doc in docs]
+            raise Reject(400, "rerank needs a query string and a documents list")
+        texts = [rerank_text(doc) for doc in docs]
         top_n = _limit(body, "top_n")
         scored = [{"index": i, "relevance_score": relevance(query, t)} for i, t in enumerate(texts)]
         scored.sort(key=lambda r: -r["relevance_score"])
@@ -487,10 +471,10 @@ class _Mock:
     async def gemini(self, request: web.Request, plan: _Plan) -> web.StreamResponse:
         model, _, method = request.match_info["target"].rpartition(":")
         if method not in ("generateContent", "streamGenerateContent"):
-            raise _Reject(404, f"method {method!r} is not served by mock {self.opts.name}")
+            raise Reject(404, f"method {method!r} is not served by mock {self.opts.name}")
         if model not in self.models:
-            raise _Reject(404, f"models/{model} is not found on mock {self.opts.name}")
-        _, body = await _read_json(request)
+            raise Reject(404, f"models/{model} is not found on mock {self.opts.name}")
+        _, body = await self.received(request)
         config = body.get("generationConfig")
         limit = _limit(config, "maxOutputTokens") if isinstance(config, dict) else None
         system = body.get("systemInstruction")
@@ -524,19 +508,32 @@ def build_app(opts: MockOptions) -> web.Application:
     app = web.Application()
     app.on_response_prepare.append(mock.tag)
     add = app.router.add_post
-    add("/v1/chat/completions", mock.guarded(mock.chat, _openai_error))
-    add("/v1/completions", mock.guarded(mock.completions, _openai_error))
-    add("/v1/embeddings", mock.guarded(mock.embeddings, _openai_error))
-    add("/v1/rerank", mock.guarded(mock.rerank, _openai_error))
-    add("/v1/messages", mock.guarded(mock.messages, _anthropic_error))
-    add("/v1beta/models/{target:.+}", mock.guarded(mock.gemini, _google_error))
-    app.router.add_route("*", "/v1/echo", mock.guarded(mock.echo, _openai_error))
+    add("/v1/chat/completions", mock.guarded(mock.chat, openai_error))
+    add("/v1/completions", mock.guarded(mock.completions, openai_error))
+    add("/v1/embeddings", mock.guarded(mock.embeddings, openai_error))
+    add("/v1/rerank", mock.guarded(mock.rerank, openai_error))
+    _speak(app, mock, ANTHROPIC, "/v1/messages", mock.guarded(mock.messages, anthropic_error))
+    gemini = mock.guarded(mock.gemini, google_error)
+    _speak(app, mock, GEMINI, "/v1beta/models/{target:.+}", gemini)
+    _speak(app, mock, GEMINI, "/v1/models/{target:.+}", gemini)  # the SDK's default since 2.0
+    app.router.add_route("*", "/v1/echo", mock.guarded(mock.echo, openai_error))
     app.router.add_get("/v1/models", mock.list_models)
     app.router.add_get("/health", mock.health)
     app.router.add_get("/health/{model:.+}", mock.model_health)
     app.router.add_post("/_mock/fault", mock.set_fault)
     app.router.add_get("/_mock/fault", mock.get_fault)
+    app.router.add_get("/_mock/requests", mock.list_requests)
+    app.router.add_delete("/_mock/requests", mock.clear_requests)
     return app
+
+
+def _speak(app: web.Application, mock: _Mock, dialect: str, path: str, handler: Handler) -> None:
+    # An unspoken dialect's path answers as vLLM answers any unrouted one, for every method, so
+    # the edge can learn the gap from a 404 the way it will from a real engine.
+    if dialect in mock.opts.speaks:
+        app.router.add_post(path, handler)
+    else:
+        app.router.add_route("*", path, _unspoken)
 
 
 def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
@@ -559,6 +556,15 @@ def _probability(raw: str) -> float:
     return value
 
 
+def _dialect_list(raw: str) -> tuple[str, ...]:
+    speaks = tuple(name.strip() for name in raw.split(","))
+    try:
+        MockOptions(speaks=speaks)  # one rule, MockOptions's
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return speaks
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = MockOptions()
     parser.add_argument("--port", type=int, default=d.port, help="TCP port (0 picks a free one)")
@@ -575,6 +581,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--keepalive-s", type=_non_negative(float), default=d.keepalive_s,
         help="idle keep-alive connections are closed after this",
     )  # fmt: skip
+    parser.add_argument(
+        "--speaks", type=_dialect_list, default=d.speaks,
+        help="dialects served, comma-separated, openai included (default openai,anthropic,gemini)",
+    )  # fmt: skip
 
 
 def options_from_args(ns: argparse.Namespace) -> MockOptions:
@@ -588,6 +598,7 @@ def options_from_args(ns: argparse.Namespace) -> MockOptions:
         tokens=int(ns.tokens),
         fail_rate=ns.fail_rate,
         keepalive_s=ns.keepalive_s,
+        speaks=ns.speaks,
     )
 
 

@@ -26,11 +26,19 @@ def split_workspace(path: str) -> tuple[str, str]:
     return "", path
 
 
+def is_gemini(path: str) -> bool:
+    """Gemini's paths: /v1beta/models/{model}:{method}, and /v1/models/{model}:{method} (the
+    google-genai SDK's default API version since 2.0; OpenAI's /v1/models/{id} has no colon)."""
+    if path.startswith("/v1beta/"):
+        return True
+    return path.startswith("/v1/models/") and ":" in path.rpartition("/")[2]
+
+
 def dialect_of(path: str) -> str:
     """Which API's error shape a path speaks, decided from the path alone."""
     if path.startswith("/api/"):
         path = split_workspace(path)[1]
-    if path.startswith("/v1beta/"):
+    if is_gemini(path):
         return GEMINI
     if path == "/v1/messages" or path.startswith("/v1/messages/"):
         return ANTHROPIC

@@ -201,6 +201,11 @@ class Families:
             "Routed requests by affinity result (cookie_hit, key_hit, moved, none).",
             ("model", "result"),
         )  # fmt: skip
+        self.translated = c(
+            "edge_translated_requests",
+            "Requests sent to a server in OpenAI's dialect, translated from the client's.",
+            ("from", "to"),
+        )  # fmt: skip
         self.discovery = c(
             "edge_discovery_refreshes", "Discovery source reads, by outcome (ok, error).",
             ("outcome",),
@@ -213,7 +218,7 @@ class Families:
     def counters(self) -> tuple[Counter, ...]:
         return (
             self.requests, self.attempts, self.tokens, self.bytes_in, self.bytes_out,
-            self.ejections, self.affinity, self.discovery, *self.by_model(),
+            self.ejections, self.affinity, self.discovery, self.translated, *self.by_model(),
         )  # fmt: skip
 
     def histograms(self) -> tuple[Histogram, ...]:

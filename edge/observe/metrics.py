@@ -133,6 +133,10 @@ class Metrics(Collector):
         """A retry was refused because the retry budget is spent."""
         self.f.budget.inc((model,))
 
+    def translated(self, dialect: str) -> None:
+        """A request in `dialect` went to a server translated to OpenAI's."""
+        self.f.translated.inc((dialect, "openai"))
+
     def discovery_refreshed(self, ok: bool) -> None:
         """One source was read (ok) or failed (error)."""
         self.f.discovery.inc(("ok" if ok else "error",))
@@ -151,6 +155,7 @@ class Metrics(Collector):
         zeros: dict[str, Iterable[tuple[str, ...]]] = {c.name: models for c in f.by_model()}
         zeros[f.ejections.name] = servers
         zeros[f.discovery.name] = [("ok",), ("error",)]
+        zeros[f.translated.name] = [("anthropic", "openai"), ("gemini", "openai")]
         zeros[f.affinity.name] = [(m, r) for (m,) in models for r in sorted(AFFINITY_RESULTS)]
         for counter in f.counters():
             yield counter.family(zeros.get(counter.name, ()))

@@ -25,7 +25,7 @@ from edge.observe.metrics import Metrics
 from edge.observe.record import RequestRecord, Usage
 from edge.proxy.forward import Forwarder, Upstream
 from edge.proxy.outbound import RequestIds, upstream_headers
-from edge.proxy.relay import Relayed, relay
+from edge.proxy.relay import Relayed, relay, relay_translated
 from edge.proxy.route import ProxyRequest, parse
 from edge.routing.attempt import OK, STREAM_ERROR
 from edge.routing.balance import Decision
@@ -99,7 +99,12 @@ class Exchange:
             up, preq, decision = await self._open()
             try:
                 extra = self._extra(up, decision)
-                self._record(up, preq, decision, await relay(self.request, up, preq.dialect, extra))
+                if up.translation is None:
+                    done = await relay(self.request, up, preq.dialect, extra)
+                else:  # the host does not speak the client's dialect (edge/proxy/translate.py)
+                    self.proxy.metrics.translated(preq.dialect)
+                    done = await relay_translated(self.request, up, up.translation, extra)
+                self._record(up, preq, decision, done)
             finally:
                 self.proxy.forwarder.done(up)
         except EdgeError as err:

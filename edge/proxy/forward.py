@@ -30,6 +30,7 @@ from edge.http.client import (
 from edge.http.heads import render
 from edge.observe.metrics import Metrics
 from edge.proxy.route import ProxyRequest
+from edge.proxy.translate import TARGET, Translation
 from edge.routing.attempt import (
     CONNECT_ERROR,
     HTTP_5XX,
@@ -43,18 +44,24 @@ from edge.routing.balance import Balancer, Decision
 from edge.routing.fleet import Host
 from edge.routing.health import RetryBudget
 from edge.routing.plan import Plan
+from edge.routing.speaks import OPENAI, Speaks
 
 
 class Upstream:
     """An open attempt: the upstream response with its first body chunk already read."""
 
-    __slots__ = ("attempt", "response", "first", "tries")
+    __slots__ = ("attempt", "response", "first", "tries", "translation")
 
-    def __init__(self, attempt: Attempt, response: UpstreamResponse, first: bytes) -> None:
+    def __init__(
+        self, attempt: Attempt, response: UpstreamResponse, first: bytes,
+        translation: Translation | None = None,
+    ) -> None:  # fmt: skip
         self.attempt = attempt
         self.response = response
         self.first = first
         self.tries = 1  # attempts the request made, this one included (set by `open`)
+        # The host does not speak the client's dialect: the answer is OpenAI's, to translate.
+        self.translation = translation
 
     @property
     def host(self) -> Host:
@@ -85,6 +92,34 @@ def _outcome(exc: BaseException) -> tuple[str, str, bool]:
     return CONNECT_ERROR, "connection error", True
 
 
+class _Foreign:
+    """A request in another dialect than OpenAI's: its translation, made once, the first time
+    an attempt goes to a host that does not speak the dialect (edge/proxy/translate.py)."""
+
+    __slots__ = ("preq", "headers", "_translation", "_headers")
+
+    def __init__(self, preq: ProxyRequest, headers: bytes) -> None:
+        self.preq = preq
+        self.headers = headers
+        self._translation: Translation | None = None
+        self._headers = b""
+
+    def translation(self) -> Translation:
+        """Raises EdgeError (400, 501) for a request that cannot be translated."""
+        if self._translation is None:
+            found = self._translation = Translation(self.preq)
+            self._headers = found.headers(self.headers, self.preq.target.partition("?")[2])
+            return found
+        return self._translation
+
+    def translated_headers(self) -> bytes:
+        self.translation()
+        return self._headers
+
+    def __repr__(self) -> str:
+        return f"<Foreign {self.preq.dialect} translated={self._translation is not None}>"
+
+
 class Forwarder:
     """Runs the attempts of one worker's requests: open the host the plan names, move on when it
     fails, race a hedge when the balancer asks for one."""
@@ -96,8 +131,11 @@ class Forwarder:
         attempts: Attempts,
         metrics: Metrics,
         settings: UpstreamSettings,
+        speaks: Speaks | None = None,
     ) -> None:
         self.pool = pool
+        # Which hosts speak the client's dialect; the others get the request translated.
+        self.speaks = speaks or Speaks({}, 600.0)
         # keys/none auth modes: the key each server gets, added per attempt (edge/access/auth.py).
         self.credentials: Callable[[ProxyRequest, Host], list[tuple[str, str]]] | None = None
         self.balancer = balancer
@@ -122,6 +160,7 @@ class Forwarder:
         if self.settings is not self._tuned:
             self._tune()
         plan = Plan(preq.model, hosts, decision, self.balancer, self.budget)
+        foreign = _Foreign(preq, headers) if preq.dialect != OPENAI else None
         for _ in range(self.settings.max_attempts):
             host = plan.next()
             if host is None:
@@ -131,9 +170,9 @@ class Forwarder:
             hedge = None if decision is None else self.balancer.hedge_delay(host, hosts, decision)
             try:
                 if hedge is None:
-                    up = await self._open(host, preq, headers)
+                    up = await self._open(host, preq, headers, foreign)
                 else:
-                    up = await self._race(host, preq, headers, plan, hedge)
+                    up = await self._race(host, preq, headers, foreign, plan, hedge)
             except UpstreamFailure as failure:
                 # A full pool sent nothing: moving on costs no retry budget.
                 plan.failed(host, failure.reason, isinstance(failure.__cause__, PoolFull))
@@ -150,19 +189,21 @@ class Forwarder:
         up.attempt.cancel()
 
     async def _race(
-        self, host: Host, preq: ProxyRequest, headers: bytes, plan: Plan, delay: float
-    ) -> Upstream:
+        self, host: Host, preq: ProxyRequest, headers: bytes, foreign: _Foreign | None,
+        plan: Plan, delay: float,
+    ) -> Upstream:  # fmt: skip
         """Open `host`, hedged (balance.hedge_delay: off by default): when no first byte came
         within `delay` (the host's recent p95), open a second host too: the first to send a
         byte wins and the other is cancelled at once. A failure of `host` itself is raised; a
         failed hedge only adds its reason to the primary's."""
-        racing = {asyncio.create_task(self._open(host, preq, headers)): host}
+        racing = {asyncio.create_task(self._open(host, preq, headers, foreign)): host}
         winner: Upstream | None = None
         try:
             done, _ = await asyncio.wait(racing, timeout=delay)
             second = None if done else plan.hedge()
             if second is not None:
-                racing[asyncio.create_task(self._open(second, preq, headers))] = second
+                opening = self._open(second, preq, headers, foreign)
+                racing[asyncio.create_task(opening)] = second
             winner = await _first_open(racing, host)
             return winner
         finally:
@@ -173,17 +214,35 @@ class Forwarder:
                     self.done(task.result())  # opened too, but lost by a hair
                 task.add_done_callback(_retrieve)
 
-    async def _open(self, host: Host, preq: ProxyRequest, headers: bytes) -> Upstream:
+    async def _open(
+        self, host: Host, preq: ProxyRequest, headers: bytes, foreign: _Foreign | None
+    ) -> Upstream:
         """One attempt on `host`, up to its first body byte; UpstreamFailure when it fails."""
         t = self._timeouts.get(preq.model) or self._timeouts[""]
-        if self.credentials is not None:
-            headers = headers + render(self.credentials(preq, host))
+        keys = b"" if self.credentials is None else render(self.credentials(preq, host))
+        translation: Translation | None = None
+        target, body = preq.target, preq.body
+        if foreign is not None and not self.speaks.native(host.url, preq.dialect):
+            translation = foreign.translation()
+            target, body, headers = TARGET, translation.body, foreign.translated_headers()
         attempt = self.attempts.start(host, preq.model)
         response: UpstreamResponse | None = None
         try:
             response = await self.pool.post(
-                host.url, preq.target, headers, preq.body, t.first_byte_s, t.connect_s
+                host.url, target, headers + keys, body, t.first_byte_s, t.connect_s
             )
+            if foreign is not None and translation is None and response.status in (404, 405):
+                if self.speaks.learnable(host.url):
+                    # No such path: the host does not speak the dialect. The same attempt goes
+                    # on translated, and the next ones go translated at once.
+                    self.speaks.refused(host.url, preq.dialect)
+                    response.close()
+                    response = None
+                    translation = foreign.translation()
+                    response = await self.pool.post(
+                        host.url, TARGET, foreign.translated_headers() + keys, translation.body,
+                        t.first_byte_s, t.connect_s,
+                    )  # fmt: skip
             if t.total_s:
                 response.set_deadline(max(0.0, t.total_s - (time.monotonic() - attempt.started)))
             status = response.status
@@ -225,7 +284,7 @@ class Forwarder:
             attempt.cancel()  # cancelled (client gone, hedge lost): no verdict
             raise
         attempt.answered(time.monotonic())
-        return Upstream(attempt, response, first)
+        return Upstream(attempt, response, first, translation)
 
     @property
     def stale_retries(self) -> int:

@@ -24,16 +24,18 @@ away cancels the handler (edge/http/server.py), and the caller closes the upstre
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Final
 
 import orjson
 
 from edge.dialects.errors import STREAM_FAILED, error_event
 from edge.http.chunked import unframe
-from edge.http.client import BodyPipe, Stopped, UpstreamError, UpstreamResponse
+from edge.http.client import BodyPipe, Malformed, Stopped, UpstreamError, UpstreamResponse
 from edge.http.server import Request
 from edge.observe.record import Usage
 from edge.proxy.forward import Upstream
+from edge.proxy.translate import MAX_ANSWER_BYTES, Events, Translation
 
 _PROMPT_KEYS: Final = ("prompt_tokens", "input_tokens", "promptTokenCount")
 _COMPLETION_KEYS: Final = ("completion_tokens", "output_tokens", "candidatesTokenCount")
@@ -83,7 +85,7 @@ async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> R
         await pipe.ended
     except UpstreamError as exc:
         ended_at = time.monotonic()
-        message = _STOPPED if isinstance(exc, Stopped) else STREAM_FAILED
+        message = STOPPED if isinstance(exc, Stopped) else STREAM_FAILED
         _broken(request, upstream, pipe, dialect, first, message)
         sent = len(first) + pipe.body_piped
         return Relayed(status, sent, None, "stream_error", first_sent_at, ended_at)
@@ -122,7 +124,7 @@ def _broken(
     conn.end()
 
 
-_STOPPED = "The edge stopped while streaming this response; send the request again."
+STOPPED = "The edge stopped while streaming this response; send the request again."
 
 
 def read_usage(head: bytes, tail: bytes) -> Usage | None:
@@ -201,3 +203,118 @@ def _first_int(doc: dict[str, object], keys: tuple[str, ...]) -> int | None:
         if type(value) is int and value >= 0:  # not a bool, not a float
             return value
     return None
+
+
+# --- the answer's way back --------------------------------------------------------------------
+
+
+async def relay_translated(
+    request: Request, up: Upstream, translation: Translation, extra: bytes
+) -> Relayed:
+    """The host's OpenAI answer -> the client, translated: a whole answer (or an error) at once,
+    a stream event by event as the host sends it. `usage` is read from the host's own bytes."""
+    upstream, conn = up.response, request.conn
+    status = upstream.status
+    head = (
+        _without_content_type(upstream.head.relayed)
+        + b"Content-Type: %b\r\n"
+        % (translation.content_type if status < 300 else b"application/json")
+        + extra
+    )
+    if status >= 300 or not translation.stream:
+        body = await _whole(upstream, up.first)
+        try:
+            out = translation.answer(body) if status < 300 else translation.error(status, body)
+        except ValueError:  # the host's answer is not what OpenAI's API sends
+            conn.abort()
+            now = time.monotonic()
+            return Relayed(status, 0, None, "stream_error", now, now)
+        conn.start(request, status, upstream.reason, head, len(out), out)
+        conn.end()
+        now = time.monotonic()
+        usage = read_usage(body, body) if status < 300 else None
+        return Relayed(status, len(out), usage, "ok", now, now)
+    events = translation.events()
+    sink = _Translating(events, conn.write)
+    conn.start(request, status, upstream.reason, head, None, sink.translate(up.first))
+    first_sent_at = time.monotonic()
+    pipe = upstream.pipe(sink)
+    sink.pipe = pipe
+    conn.source = pipe
+    if conn.paused:
+        pipe.pause_reading()
+    try:
+        await pipe.ended
+        if sink.failed:
+            raise Malformed("the model server's stream could not be translated")
+    except UpstreamError as exc:
+        ended_at = time.monotonic()
+        message = STOPPED if isinstance(exc, Stopped) else STREAM_FAILED
+        conn.write(events.fail(message))
+        conn.end()
+        return Relayed(status, sink.sent, None, "stream_error", first_sent_at, ended_at)
+    finally:
+        conn.source = None
+    ended_at = time.monotonic()
+    try:
+        tail = events.end()
+    except ValueError:  # the host's last line was no OpenAI event
+        tail = events.fail(STREAM_FAILED)
+    conn.write(tail)
+    conn.end()
+    prev, last = pipe.prev, pipe.last
+    usage = read_usage(up.first, prev + last if prev else up.first + last)
+    return Relayed(status, sink.sent, usage, "ok", first_sent_at, ended_at)
+
+
+class _Translating:
+    """The pipe's sink: each piece of the host's stream, translated, to the client."""
+
+    __slots__ = ("events", "write", "pipe", "sent", "failed")
+
+    def __init__(self, events: Events, write: Callable[[bytes], None]) -> None:
+        self.events = events
+        self.write = write
+        self.pipe: BodyPipe | None = None
+        self.sent = 0
+        self.failed = False
+
+    def translate(self, data: bytes) -> bytes:
+        try:
+            out = self.events.feed(data)
+        except ValueError:  # a line past the translator's bound: not an OpenAI stream
+            self.failed = True
+            if self.pipe is not None:
+                self.pipe.settle(None)
+            return b""
+        self.sent += len(out)
+        return out
+
+    def __call__(self, data: bytes) -> None:
+        if not self.failed:
+            self.write(self.translate(data))
+
+    def __repr__(self) -> str:
+        return f"<Translating sent={self.sent} failed={self.failed}>"
+
+
+async def _whole(upstream: UpstreamResponse, first: bytes) -> bytes:
+    """The rest of a non-streamed answer, bounded by MAX_ANSWER_BYTES."""
+    if upstream.complete:
+        return first
+    parts, size = [first], len(first)
+    while piece := await upstream.readany():
+        size += len(piece)
+        if size > MAX_ANSWER_BYTES:
+            raise Malformed("the model server's answer is too large to translate")
+        parts.append(piece)
+    return b"".join(parts)
+
+
+def _without_content_type(block: bytes) -> bytes:
+    lines = block.split(b"\r\n")
+    return b"".join(
+        line + b"\r\n"
+        for line in lines
+        if line and line.partition(b":")[0].strip().lower() != b"content-type"
+    )

@@ -11,7 +11,7 @@ from typing import Any, Final
 
 import orjson
 
-from edge.dialects import GEMINI, dialect_of, split_workspace
+from edge.dialects import GEMINI, dialect_of, is_gemini, split_workspace
 from edge.errors import BadRequest, MethodNotAllowed, NotFound, Unprocessable
 from edge.http.server import Request
 
@@ -22,10 +22,17 @@ _ROUTES: Final = {
     "/v1/embeddings": "embeddings",
     "/v1/rerank": "rerank",
     "/v1/messages": "messages",
+    "/v1/messages/count_tokens": "count_tokens",
     "/v1/images/generations": "images",
 }
 _GEMINI_PREFIX: Final = "/v1beta/models/"
-_GEMINI_METHODS = {"generateContent": False, "streamGenerateContent": True}
+_GEMINI_V1_PREFIX: Final = "/v1/models/"
+# method -> (route, streams)
+_GEMINI_METHODS: Final = {
+    "generateContent": ("gemini", False),
+    "streamGenerateContent": ("gemini", True),
+    "countTokens": ("count_tokens", False),
+}
 # Percent-encoded '.', '/', '\\', '%' and control characters: what a host could decode into a
 # path other than the one routed here (one decoding pass or two).
 _ENCODED: Final = re.compile(r"%(?:2[eEfF5]|5[cC]|[01][0-9a-fA-F]|7[fF])")
@@ -97,7 +104,7 @@ async def _parse(request: Request, path: str) -> ProxyRequest:
         # it is forwarded as it came.
         if not safe_path(path, request.target):
             raise BadRequest(_UNSAFE_PATH)
-        if path.startswith(_GEMINI_PREFIX):
+        if is_gemini(path) and path.startswith((_GEMINI_PREFIX, _GEMINI_V1_PREFIX)):
             return await _parse_gemini(request, path)
         route = "other"
     body = await request.read()
@@ -110,15 +117,18 @@ async def _parse(request: Request, path: str) -> ProxyRequest:
 
 
 async def _parse_gemini(request: Request, path: str) -> ProxyRequest:
-    model, _, method = path[len(_GEMINI_PREFIX) :].rpartition(":")
-    stream = _GEMINI_METHODS.get(method)
-    if not model or stream is None:
+    prefix = _GEMINI_PREFIX if path.startswith(_GEMINI_PREFIX) else _GEMINI_V1_PREFIX
+    model, _, method = path[len(prefix) :].rpartition(":")
+    found = _GEMINI_METHODS.get(method)
+    if not model or found is None:
         raise NotFound(
-            f"Unknown Gemini method {method!r}; use :generateContent or :streamGenerateContent."
+            f"Unknown Gemini method {method[:100]!r}; use :generateContent, "
+            ":streamGenerateContent or :countTokens."
         )
     body = await request.read()
     doc = _json_object(body)
-    return ProxyRequest(GEMINI, "gemini", model, stream, body, request.target, doc)
+    route, stream = found
+    return ProxyRequest(GEMINI, route, model, stream, body, request.target, doc)
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

@@ -489,6 +489,239 @@ async def test_client_disconnect_mid_stream_is_quiet(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+# --- tool calls -----------------------------------------------------------------------
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "days": {"type": "integer"},
+        "scale": {"type": "number"},
+        "metric": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "extra": {"type": "object"},
+        "note": {"type": "string"},  # not required: left out
+    },
+    "required": ["city", "days", "scale", "metric", "tags", "extra"],
+}
+CLOCK = {
+    "type": "object",
+    "properties": {
+        "zone": {"type": "string", "enum": ["UTC", "CET"]},
+        "n": {"type": ["null", "integer"]},
+    },
+    "required": ["zone", "n"],
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "clock", "description": "now", "parameters": CLOCK}},
+    {"type": "function", "function": {"name": "ping"}},
+]
+WEATHER_ARGS = {"city": "mock", "days": 1, "scale": 1.5, "metric": True, "tags": [], "extra": {}}
+TOOL_CHAT = CHAT | {"tools": TOOLS}
+HELLO: list[dict[str, Any]] = [{"role": "user", "content": "hello there"}]  # CHAT's messages
+
+
+def _named(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name}}
+
+
+def _tool_result(call: dict[str, Any]) -> list[dict[str, Any]]:
+    """The conversation after `call`: its assistant message, then the tool's answer."""
+    return [
+        *HELLO,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "sunny"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("choice", "name", "arguments"),
+    [
+        (None, "weather", WEATHER_ARGS),
+        ("auto", "weather", WEATHER_ARGS),
+        ("required", "weather", WEATHER_ARGS),
+        (_named("clock"), "clock", {"zone": "UTC", "n": 1}),
+        (_named("ping"), "ping", {}),
+    ],
+)
+async def test_chat_with_tools_answers_one_tool_call(
+    client: TestClient[Any, Any], choice: Any, name: str, arguments: dict[str, Any]
+) -> None:
+    request = TOOL_CHAT if choice is None else TOOL_CHAT | {"tool_choice": choice}
+    status, body = await post(client, "/v1/chat/completions", request)
+    assert status == 200 and body["object"] == "chat.completion"
+    choice_out = body["choices"][0]
+    assert choice_out["finish_reason"] == "tool_calls"
+    message = choice_out["message"]
+    assert message["role"] == "assistant" and message["content"] is None
+    [call] = message["tool_calls"]
+    assert call["type"] == "function" and call["function"]["name"] == name
+    assert call["id"].startswith("call_") and int(call["id"][5:], 16) >= 0
+    assert orjson.loads(call["function"]["arguments"]) == arguments
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+
+
+async def test_tool_result_none_choice_and_no_tools_get_text(client: TestClient[Any, Any]) -> None:
+    _, body = await post(client, "/v1/chat/completions", TOOL_CHAT)
+    call = body["choices"][0]["message"]["tool_calls"][0]
+    second = await post(
+        client, "/v1/chat/completions", TOOL_CHAT | {"messages": _tool_result(call)}
+    )
+    refused = await post(client, "/v1/chat/completions", TOOL_CHAT | {"tool_choice": "none"})
+    empty = await post(client, "/v1/chat/completions", CHAT | {"tools": [], "max_tokens": 2})
+    for status, answer in (second, refused, empty):
+        assert status == 200 and "tool_calls" not in answer["choices"][0]["message"]
+    assert _chat_text(second[1]) == (5, "stop") and _chat_text(refused[1]) == (5, "stop")
+    assert _chat_text(empty[1]) == (2, "length")  # max_tokens truncation as before
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"tools": {"type": "function"}}, "tools"),
+        ({"tools": [{"type": "retrieval"}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
+        ({"tool_choice": _named("absent")}, "tool_choice"),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"tool_choice": {"type": "function"}}, "tool_choice"),
+    ],
+)
+async def test_malformed_tools_are_400(
+    client: TestClient[Any, Any], change: dict[str, Any], param: str
+) -> None:
+    status, body = await post(client, "/v1/chat/completions", TOOL_CHAT | change)
+    assert status == 400 and body["error"]["param"] == param
+    assert body["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_tool_call_stream(client: TestClient[Any, Any], include_usage: bool) -> None:
+    request = TOOL_CHAT | {"stream": True, "stream_options": {"include_usage": include_usage}}
+    async with client.post("/v1/chat/completions", json=request) as resp:
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        events = await sse_data(resp)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len({c["id"] for c in chunks}) == 1
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    deltas = [c["delta"] for c in choices]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    [start] = deltas[1]["tool_calls"]
+    assert start["index"] == 0 and start["type"] == "function" and start["id"].startswith("call_")
+    assert start["function"] == {"name": "weather", "arguments": ""}
+    pieces = [d["tool_calls"][0] for d in deltas[2:-1]]
+    assert 2 <= len(pieces) <= 3 and all(p.keys() == {"index", "function"} for p in pieces)
+    arguments = "".join(p["function"]["arguments"] for p in pieces)
+    assert orjson.loads(arguments) == WEATHER_ARGS
+    assert deltas[-1] == {} and [c["finish_reason"] for c in choices[-2:]] == [None, "tool_calls"]
+    usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    assert [c["usage"] for c in chunks if "usage" in c] == [usage] * include_usage
+
+
+async def test_tool_call_stream_is_paced_and_cut_as_text(client: TestClient[Any, Any]) -> None:
+    headers = {"X-Mock-TTFT-Ms": "40", "X-Mock-Chunk-Ms": "15"}
+    request = TOOL_CHAT | {"stream": True, "tool_choice": _named("ping")}
+    started = time.monotonic()
+    async with client.post("/v1/chat/completions", json=request, headers=headers) as resp:
+        events = await sse_data(resp)
+    # The call's head and two argument pieces ("{", "}") are paced like tokens.
+    assert time.monotonic() - started >= 0.035 + 3 * 0.012
+    assert [
+        e["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"] for e in events[1:4]
+    ] == ["", "{", "}"]
+    async with client.post("/_mock/fault", json={"cut_after": 1}) as resp:
+        assert resp.status == 200
+    async with client.post("/v1/chat/completions", json=request) as resp:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+
+
+# --- dialects spoken, the request log ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("speaks", "unspoken"),
+    [
+        (("openai",), ["/v1/messages", "/v1beta/models/m1:generateContent"]),
+        (("openai", "gemini"), ["/v1/messages"]),
+        (("anthropic", "openai"), ["/v1beta/models/m1:streamGenerateContent?alt=sse"]),
+    ],
+)
+async def test_unspoken_dialect_answers_vllms_404(
+    make_client: Any, speaks: tuple[str, ...], unspoken: list[str]
+) -> None:
+    mock = await make_client(speaks=speaks)
+    for path in unspoken:
+        for method in ("POST", "GET"):
+            async with mock.request(method, path, json=CHAT | {"max_tokens": 3}) as resp:
+                assert resp.status == 404 and resp.headers["X-Mock-Server"] == "mock-a"
+                assert resp.content_type == "application/json"
+                assert await resp.json() == {"detail": "Not Found"}
+    spoken = {
+        "anthropic": ("/v1/messages", CHAT | {"max_tokens": 3}),
+        "gemini": ("/v1beta/models/m1:generateContent", {"contents": []}),
+        "openai": ("/v1/chat/completions", CHAT),
+    }
+    for dialect in speaks:
+        assert (await post(mock, *spoken[dialect]))[0] == 200, dialect
+    async with mock.get("/_mock/requests") as resp:
+        assert [r["path"] for r in await resp.json()] == [spoken[d][0] for d in speaks]
+
+
+def test_speaks_is_validated() -> None:
+    assert MockOptions().speaks == ("openai", "anthropic", "gemini")
+    assert MockOptions(speaks=("openai",)).speaks == ("openai",)
+    for bad in ((), ("anthropic",), ("anthropic", "gemini"), ("openai", "vertex"), "openai"):
+        with pytest.raises(ValueError, match="speaks"):
+            MockOptions(speaks=bad)  # type: ignore[arg-type]
+
+
+async def test_request_log_lists_bodies_newest_last_and_clears(
+    client: TestClient[Any, Any],
+) -> None:
+    async def log() -> list[Any]:
+        async with client.get("/_mock/requests") as resp:
+            assert resp.status == 200 and resp.headers["X-Mock-Server"] == "mock-a"
+            result: list[Any] = await resp.json()
+            return result
+
+    assert await log() == []
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    chat = {
+        "model": "m1",
+        "messages": [{"role": "system", "content": "terse"}, {"role": "user", "content": [image]}],
+    }
+    gemini = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    await post(client, "/v1/chat/completions", chat | {"tools": TOOLS})
+    async with client.post("/v1beta/models/m1:streamGenerateContent?alt=sse", json=gemini) as resp:
+        assert resp.status == 200 and (await sse_data(resp))[-1]["usageMetadata"]
+    await post(client, "/v1/embeddings", {"model": "m1", "input": "x"})
+    await post(client, "/v1/chat/completions", {"model": "zz", "messages": []})  # read, then 404
+    await post(client, "/v1/chat/completions", CHAT, headers={"X-Mock-Status": "500"})  # not read
+    async with client.post("/v1/messages", data=b"{not json") as resp:
+        assert resp.status == 400  # not parsed: not logged
+    assert await log() == [
+        {"path": "/v1/chat/completions", "body": chat | {"tools": TOOLS}},
+        {"path": "/v1beta/models/m1:streamGenerateContent", "body": gemini},
+        {"path": "/v1/embeddings", "body": {"model": "m1", "input": "x"}},
+        {"path": "/v1/chat/completions", "body": {"model": "zz", "messages": []}},
+    ]
+    async with client.delete("/_mock/requests") as resp:
+        assert resp.status == 204
+    assert await log() == []
+
+
+async def test_request_log_keeps_the_last_32(client: TestClient[Any, Any]) -> None:
+    for i in range(40):
+        status, _ = await post(client, "/v1/completions", {"model": "m1", "prompt": str(i)})
+        assert status == 200
+    async with client.get("/_mock/requests") as resp:
+        logged = await resp.json()
+    assert [r["body"]["prompt"] for r in logged] == [str(i) for i in range(8, 40)]
+
+
 # --- SDK compatibility --------------------------------------------------------------
 
 
@@ -604,6 +837,48 @@ async def test_openai_sdk_round_trip(client: TestClient[Any, Any]) -> None:
             await sdk.chat.completions.create(model="zz", messages=[])
 
 
+async def test_openai_sdk_tool_round_trip(client: TestClient[Any, Any]) -> None:
+    openai = pytest.importorskip("openai")
+    async with openai.AsyncOpenAI(
+        base_url=f"{base_url(client)}/v1", api_key="x", max_retries=0
+    ) as sdk:
+        asked = await sdk.chat.completions.create(model="m1", messages=HELLO, tools=TOOLS)
+        choice = asked.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+        [call] = choice.message.tool_calls
+        assert call.function.name == "weather"
+        assert orjson.loads(call.function.arguments) == WEATHER_ARGS
+        messages = _tool_result(call.model_dump())
+        answered = await sdk.chat.completions.create(model="m1", messages=messages, tools=TOOLS)
+        assert answered.choices[0].message.content == "tok1 tok2 tok3 tok4 tok5 "
+        assert answered.choices[0].message.tool_calls is None
+
+        # Streamed: the SDK's deltas join into the same call.
+        stream = await sdk.chat.completions.create(
+            model="m1", messages=HELLO, tools=TOOLS, tool_choice=_named("clock"),
+            stream=True, stream_options={"include_usage": True},
+        )  # fmt: skip
+        name, arguments, finish, usage = "", "", None, None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+            for c in chunk.choices:
+                finish = c.finish_reason or finish
+                for delta in c.delta.tool_calls or []:
+                    assert delta.index == 0 and delta.function is not None
+                    name += delta.function.name or ""
+                    arguments += delta.function.arguments or ""
+        assert (name, orjson.loads(arguments), finish) == (
+            "clock",
+            {"zone": "UTC", "n": 1},
+            "tool_calls",
+        )
+        assert usage is not None and usage.completion_tokens == 5
+    async with client.get("/_mock/requests") as resp:
+        sent = [r["body"] for r in await resp.json()]
+    assert sent[1]["messages"][-1] == {"role": "tool", "tool_call_id": call.id, "content": "sunny"}
+    assert [b["tools"] for b in sent] == [TOOLS] * 3
+
+
 async def test_anthropic_sdk_round_trip(client: TestClient[Any, Any]) -> None:
     anthropic = pytest.importorskip("anthropic")
     messages = [{"role": "user", "content": "hi"}]
@@ -635,9 +910,21 @@ def test_arguments_map_onto_options() -> None:
     assert opts == MockOptions(7, "127.0.0.1", ("a", "b"), "n", 5.0, 1.5, 3, 0.25)
     opts = options_from_args(parser.parse_args(["--keepalive-s", "0.2"]))
     assert opts.keepalive_s == 0.2
+    opts = options_from_args(parser.parse_args(["--speaks", "openai, gemini"]))
+    assert opts.speaks == ("openai", "gemini")
 
 
-@pytest.mark.parametrize("argv", [["--fail-rate", "1.5"], ["--tokens", "-1"], ["--ttft-ms", "x"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--fail-rate", "1.5"],
+        ["--tokens", "-1"],
+        ["--ttft-ms", "x"],
+        ["--speaks", "anthropic"],
+        ["--speaks", "openai,vertex"],
+        ["--speaks", ""],
+    ],
+)
 def test_bad_arguments_are_rejected(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)

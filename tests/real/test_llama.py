@@ -19,6 +19,8 @@ import anthropic
 import openai
 import orjson
 import pytest
+from google import genai
+from google.genai import types as genai_types
 
 from loadtests import llama
 from tests.procs import free_port
@@ -117,6 +119,43 @@ async def test_sdks_through_the_edge(start_edge, servers):
         final = await events.get_final_message()
     assert final.usage.output_tokens > 0
     await claude.close()
+
+
+async def test_every_dialect_through_an_engine_that_speaks_only_openai(start_edge, servers):
+    """Gemini's SDK (learnt: llama.cpp answers 404 on Gemini's path) and Anthropic's SDK (llama.cpp
+    declared OpenAI-only in [dialects]) through a real engine: the edge translates both ways."""
+    learning = await start_edge({MODEL: servers[1:2]})
+    async with aiohttp.ClientSession() as session:  # not the SDK's own (aiohttp warns of it)
+        options = genai_types.HttpOptions(base_url=learning.url, aiohttp_client=session)
+        gem = genai.Client(api_key="k", http_options=options)
+        config = genai_types.GenerateContentConfig(max_output_tokens=8, temperature=0)
+        reply = await gem.aio.models.generate_content(model=MODEL, contents="Hello", config=config)
+        streamed = [
+            chunk.text or ""
+            async for chunk in await gem.aio.models.generate_content_stream(
+                model=MODEL, contents="Hello", config=config
+            )
+        ]
+    assert reply.text and reply.usage_metadata is not None
+    assert (reply.usage_metadata.candidates_token_count or 0) > 0
+    assert "".join(streamed)
+    assert learning.speaks.learnt == 1  # llama.cpp's 404 on Gemini's path, once
+    edge = await start_edge({MODEL: servers[:1]}, dialects={servers[0]: ["openai"]})
+    claude = anthropic.AsyncAnthropic(base_url=edge.url, api_key="k", max_retries=0)
+    async with claude.messages.stream(
+        model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "Hello"}]
+    ) as events:
+        text = "".join([piece async for piece in events.text_stream])
+        final = await events.get_final_message()
+    await claude.close()
+    assert text and final.usage.output_tokens > 0
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{learning.url}/metrics") as resp:
+            learnt = await resp.text()
+        async with client.get(f"{edge.url}/metrics") as resp:
+            configured = await resp.text()
+    assert 'edge_translated_requests_total{from="gemini",to="openai"} 2.0' in learnt
+    assert 'edge_translated_requests_total{from="anthropic",to="openai"} 1.0' in configured
 
 
 async def test_sticky_sessions_reuse_the_kv_cache_round_robin_does_not(start_edge, servers):
