@@ -22,6 +22,7 @@ from pydantic import TypeAdapter
 
 from edge.dialects import anthropic as tr
 from edge.errors import BadRequest
+from tests.dialects.openai_shape import image_parts, walk
 
 EVENT = TypeAdapter(RawMessageStreamEvent)
 SECRET = "the-prompt-text-never-echoed"
@@ -679,47 +680,12 @@ def conversations(draw: st.DrawFn) -> dict[str, Any]:
 
 def check_openai(body: dict[str, Any], doc: dict[str, Any]) -> None:
     """A well-formed chat completions request that says what `doc` said."""
-    calls: dict[str, dict[str, Any]] = {}
-    answered: list[str] = []
-    for i, message in enumerate(body["messages"]):
-        role, content = message["role"], message.get("content")
-        assert set(message) <= {"role", "content", "tool_calls", "tool_call_id"}
-        if role == "system":
-            assert i == 0 and isinstance(content, str) and content
-        elif role == "user":
-            assert (
-                isinstance(content, str)
-                or content
-                and all(
-                    part["type"] == "text"
-                    and isinstance(part["text"], str)
-                    or part["type"] == "image_url"
-                    and isinstance(part["image_url"]["url"], str)
-                    for part in content
-                )
-            )
-        elif role == "assistant":
-            assert isinstance(content, str) or content is None and message["tool_calls"]
-            for tool_call in message.get("tool_calls", ()):
-                assert tool_call["type"] == "function" and tool_call["id"] not in calls
-                assert isinstance(tool_call["function"]["name"], str)
-                arguments = tool_call["function"]["arguments"]
-                assert isinstance(arguments, str) and isinstance(json.loads(arguments), dict)
-                calls[tool_call["id"]] = tool_call
-        else:
-            assert role == "tool" and isinstance(content, str)
-            assert message["tool_call_id"] in calls  # it answers an earlier call
-            assert body["messages"][i - 1]["role"] in ("tool", "assistant")
-            answered.append(message["tool_call_id"])
+    calls, answered = walk(body)
     uses = [b for m in doc["messages"] if isinstance(m["content"], list) for b in m["content"]]
     for use in (b for b in uses if b["type"] == "tool_use"):
         assert orjson.loads(calls[use["id"]]["function"]["arguments"]) == use["input"]
     assert answered == [b["tool_use_id"] for b in uses if b["type"] == "tool_result"]
-    images = sum(1 for b in uses if b["type"] == "image")
-    parts = [
-        p for m in body["messages"] if isinstance(m.get("content"), list) for p in m["content"]
-    ]
-    assert images == sum(1 for p in parts if p["type"] == "image_url")
+    assert sum(1 for b in uses if b["type"] == "image") == image_parts(body)
     assert body["max_tokens"] == doc["max_tokens"] and body["stream"] is True
 
 

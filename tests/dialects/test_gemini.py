@@ -26,6 +26,7 @@ from edge.dialects import GEMINI
 from edge.dialects import gemini as tr
 from edge.dialects.errors import error_event
 from edge.errors import BadRequest
+from tests.dialects.openai_shape import image_parts, walk
 
 OPENAI_REQUEST = TypeAdapter(CompletionCreateParamsBase)
 SECRET = "the-prompt-text-never-echoed"
@@ -1071,35 +1072,7 @@ def conversations(draw: st.DrawFn) -> dict[str, Any]:
 
 def check_openai(body: dict[str, Any], doc: dict[str, Any]) -> None:
     """A well-formed chat completions request that says what `doc` said."""
-    calls: dict[str, dict[str, Any]] = {}
-    answered: list[str] = []
-    for i, message in enumerate(body["messages"]):
-        role, content = message["role"], message.get("content")
-        assert set(message) <= {"role", "content", "tool_calls", "tool_call_id"}
-        if role == "system":
-            assert i == 0 and isinstance(content, str) and content
-        elif role == "user":
-            assert isinstance(content, str) or content and all(
-                part["type"] == "text" and isinstance(part["text"], str)
-                or part["type"] == "image_url" and part["image_url"]["url"].startswith("data:")
-                for part in content
-            )  # fmt: skip
-        elif role == "assistant":
-            assert isinstance(content, str) or content is None and message["tool_calls"]
-            for tool_call in message.get("tool_calls", ()):
-                assert tool_call["type"] == "function" and tool_call["id"] not in calls
-                arguments = tool_call["function"]["arguments"]
-                assert isinstance(arguments, str) and isinstance(json.loads(arguments), dict)
-                calls[tool_call["id"]] = tool_call
-        else:
-            assert (
-                role == "tool"
-                and isinstance(content, str)
-                and isinstance(json.loads(content), dict)
-            )
-            assert message["tool_call_id"] in calls and message["tool_call_id"] not in answered
-            assert body["messages"][i - 1]["role"] in ("tool", "assistant")
-            answered.append(message["tool_call_id"])
+    calls, answered = walk(body, data_urls_only=True, json_results=True)
     parts = [p for c in doc["contents"] for p in c["parts"]]
     made = [p["functionCall"] for p in parts if "functionCall" in p]
     assert [(c["name"], c["args"]) for c in made] == [
@@ -1111,10 +1084,7 @@ def check_openai(body: dict[str, Any], doc: dict[str, Any]) -> None:
         orjson.loads(m["content"]) for m in body["messages"] if m["role"] == "tool"
     ]
     images = sum(1 for p in parts if "inlineData" in p or "inline_data" in p)
-    typed = [
-        p for m in body["messages"] if isinstance(m.get("content"), list) for p in m["content"]
-    ]
-    assert images == sum(1 for p in typed if p["type"] == "image_url")
+    assert images == image_parts(body)
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
 
 
