@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
+
 
 def walk(
     body: dict[str, Any], data_urls_only: bool = False, json_results: bool = False
@@ -57,3 +59,41 @@ def _part(part: dict[str, Any], data_urls_only: bool) -> bool:
         return isinstance(part["text"], str)
     url = part["image_url"]["url"] if part["type"] == "image_url" else None
     return isinstance(url, str) and (not data_urls_only or url.startswith("data:"))
+
+
+# --- OpenAI streams, as the engines send them --------------------------------------------------
+
+
+def sse(*chunks: Any, done: bool = True) -> bytes:
+    body = b"".join(b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in chunks)
+    return body + (b"data: [DONE]\n\n" if done else b"")
+
+
+def chunk(
+    delta: dict[str, Any] | None = None, finish: str | None = None, index: int = 0, **extra: Any
+) -> dict[str, Any]:
+    choice = {"index": index, "delta": delta or {}, "finish_reason": finish}
+    return {"id": "chatcmpl-9", "object": "chat.completion.chunk", "choices": [choice], **extra}
+
+
+def call(
+    index: int, arguments: str, id: str | None = None, name: str | None = None
+) -> dict[str, Any]:
+    function = {"arguments": arguments} | ({"name": name} if name else {})
+    return {"index": index, "function": function} | ({"id": id, "type": "function"} if id else {})
+
+
+USAGE = {"id": "chatcmpl-9", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 9}}
+# Text (multi-byte), then two tool calls (the first in pieces), the finish, the usage.
+CHUNKS = [
+    chunk({"role": "assistant", "content": ""}),
+    chunk({"content": "H\u00e9"}),
+    chunk({"content": "llo \u2713"}),
+    chunk({"tool_calls": [call(0, "", "call_a", "weather")]}),
+    chunk({"tool_calls": [call(0, '{"city": ')]}),
+    chunk({"tool_calls": [call(0, '"Oslo"}')]}),
+    chunk({"tool_calls": [call(1, '{"tz": "UTC"}', "call_b", "clock")]}),
+    chunk({}, "tool_calls"),
+    USAGE,
+]
+STREAM = sse(*CHUNKS)

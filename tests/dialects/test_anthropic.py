@@ -22,7 +22,7 @@ from pydantic import TypeAdapter
 
 from edge.dialects import anthropic as tr
 from edge.errors import BadRequest
-from tests.dialects.openai_shape import image_parts, walk
+from tests.dialects.openai_shape import CHUNKS, STREAM, USAGE, call, chunk, image_parts, sse, walk
 
 EVENT = TypeAdapter(RawMessageStreamEvent)
 SECRET = "the-prompt-text-never-echoed"
@@ -350,36 +350,6 @@ def test_an_answer_without_id_usage_or_choices_is_still_a_message():
 # The stream
 
 
-def sse(*chunks: Any, done: bool = True) -> bytes:
-    body = b"".join(b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in chunks)
-    return body + (b"data: [DONE]\n\n" if done else b"")
-
-
-def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> dict:
-    choice = {"index": 0, "delta": delta or {}, "finish_reason": finish}
-    return {"id": "chatcmpl-9", "object": "chat.completion.chunk", "choices": [choice], **extra}
-
-
-def call(index: int, arguments: str, id: str | None = None, name: str | None = None) -> dict:
-    function = {"arguments": arguments} | ({"name": name} if name else {})
-    return {"index": index, "function": function} | ({"id": id, "type": "function"} if id else {})
-
-
-USAGE = {"id": "chatcmpl-9", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 9}}
-TEXT_CHUNKS = [
-    chunk({"role": "assistant", "content": ""}),
-    chunk({"content": "Hé"}),
-    chunk({"content": "llo ✓"}),
-    chunk({"tool_calls": [call(0, "", "call_a", "weather")]}),
-    chunk({"tool_calls": [call(0, '{"city": ')]}),
-    chunk({"tool_calls": [call(0, '"Oslo"}')]}),
-    chunk({"tool_calls": [call(1, '{"tz": "UTC"}', "call_b", "clock")]}),
-    chunk({}, "tool_calls"),
-    USAGE,
-]
-TEXT_STREAM = sse(*TEXT_CHUNKS)
-
-
 def events(out: bytes) -> list[tuple[str, dict[str, Any]]]:
     """(event name, data) of each event, checked: every event is `event:` then `data:`."""
     assert out.endswith(b"\n\n") or not out
@@ -454,7 +424,7 @@ def run(body: bytes, cuts: list[int] | None = None) -> bytes:
 
 
 def test_a_stream_of_text_and_tool_calls():
-    out = run(TEXT_STREAM)
+    out = run(STREAM)
     said = check(out)
     assert [b[:2] for b in said["blocks"]] == [
         ["text", "Héllo ✓"], ["tool_use", '{"city": "Oslo"}'], ["tool_use", '{"tz": "UTC"}']
@@ -479,10 +449,10 @@ def test_a_stream_of_text_and_tool_calls():
 
 
 def test_any_single_cut_or_byte_by_byte_writes_the_same_events():
-    whole = run(TEXT_STREAM)
-    for cut in range(1, len(TEXT_STREAM)):
-        assert run(TEXT_STREAM, [cut]) == whole
-    assert run(TEXT_STREAM, list(range(1, len(TEXT_STREAM)))) == whole
+    whole = run(STREAM)
+    for cut in range(1, len(STREAM)):
+        assert run(STREAM, [cut]) == whole
+    assert run(STREAM, list(range(1, len(STREAM)))) == whole
 
 
 def test_comments_event_lines_keepalives_crlf_and_unknown_fields_are_ignored():
@@ -813,7 +783,7 @@ def test_the_sdk_round_trip_of_a_tool_call():
 
 
 def test_the_sdk_streams_text_and_a_tool_call():
-    host = Host(TEXT_CHUNKS)
+    host = Host(CHUNKS)
     sdk = client(host)
     source = {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}
     content = [{"type": "image", "source": source}, {"type": "text", "text": "What is it?"}]

@@ -26,7 +26,7 @@ from edge.dialects import GEMINI
 from edge.dialects import gemini as tr
 from edge.dialects.errors import error_event
 from edge.errors import BadRequest
-from tests.dialects.openai_shape import image_parts, walk
+from tests.dialects.openai_shape import CHUNKS, STREAM, USAGE, call, chunk, image_parts, sse, walk
 
 OPENAI_REQUEST = TypeAdapter(CompletionCreateParamsBase)
 SECRET = "the-prompt-text-never-echoed"
@@ -591,35 +591,7 @@ def test_several_choices_are_candidates_and_a_bare_answer_is_still_one():
 # The stream
 
 
-def sse(*chunks: Any, done: bool = True) -> bytes:
-    body = b"".join(b"data: " + orjson.dumps(chunk) + b"\n\n" for chunk in chunks)
-    return body + (b"data: [DONE]\n\n" if done else b"")
-
-
-def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, index: int = 0) -> dict:
-    choice = {"index": index, "delta": delta or {}, "finish_reason": finish}
-    return {"id": "chatcmpl-9", "object": "chat.completion.chunk", "choices": [choice]}
-
-
-def call(index: int, arguments: str, id: str | None = None, name: str | None = None) -> dict:
-    function = {"arguments": arguments} | ({"name": name} if name else {})
-    return {"index": index, "function": function} | ({"id": id, "type": "function"} if id else {})
-
-
-USAGE = {"id": "chatcmpl-9", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 9}}
 META = {"promptTokenCount": 5, "candidatesTokenCount": 9, "totalTokenCount": 14}
-CHUNKS = [
-    chunk({"role": "assistant", "content": ""}),
-    chunk({"content": "Hé"}),
-    chunk({"content": "llo ✓"}),
-    chunk({"tool_calls": [call(0, "", "call_a", "weather")]}),
-    chunk({"tool_calls": [call(0, '{"city": ')]}),
-    chunk({"tool_calls": [call(0, '"Oslo"}')]}),
-    chunk({"tool_calls": [call(1, '{"tz": "UTC"}', "call_b", "clock")]}),
-    chunk({}, "tool_calls"),
-    USAGE,
-]
-STREAM = sse(*CHUNKS)
 
 
 def run(body: bytes, cuts: list[int] | None = None, sse: bool = True, close: str = "end") -> bytes:
