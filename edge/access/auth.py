@@ -128,11 +128,13 @@ class UpstreamKeys:
         (`for_host`, called by the forwarder), so servers of one model may hold different keys."""
         return []
 
-    def for_host(self, preq: ProxyRequest, host: Host) -> list[tuple[str, str]]:
+    def for_host(self, dialect: str, host: Host) -> list[tuple[str, str]]:
+        """The key field `host` gets for a request in `dialect` (the dialect the request is SENT
+        in: OpenAI's for one the edge translated)."""
         key = self._keys.get(host.url)
         if key is None:
             return []
-        name = _HEADER_FOR.get(preq.dialect)
+        name = _HEADER_FOR.get(dialect)
         return [(name, key)] if name else [("Authorization", f"Bearer {key}")]
 
     def __bool__(self) -> bool:

@@ -244,7 +244,7 @@ class _Mock:
         self.rng = random.Random()
         self.fault: Fault | None = None
         # Bodies kept as parsed, not copied: cheap, and the handlers only read them.
-        self.requests: deque[tuple[str, dict[str, Any]]] = deque(maxlen=REQUEST_LOG)
+        self.requests: deque[tuple[str, dict[str, Any], dict[str, str]]] = deque(maxlen=REQUEST_LOG)
         created = int(time.time())
         listing = [
             {"id": m, "object": "model", "created": created, "owned_by": opts.name}
@@ -302,7 +302,9 @@ class _Mock:
         return _json({"active": self.fault is not None, **dataclasses.asdict(fault)})
 
     async def list_requests(self, request: web.Request) -> web.StreamResponse:
-        return _json([{"path": path, "body": body} for path, body in self.requests])
+        return _json(
+            [{"path": p, "body": body, "headers": headers} for p, body, headers in self.requests]
+        )
 
     async def clear_requests(self, request: web.Request) -> web.StreamResponse:
         self.requests.clear()
@@ -312,7 +314,12 @@ class _Mock:
         """A model endpoint's body, read, parsed and logged. Requests refused before it is read
         (a scripted status, fail_rate, a fault's status, an unspoken dialect) are not logged."""
         raw, body = await _read_json(request)
-        self.requests.append((request.path, body))
+        # The header fields too (lower-cased; repeated ones joined by ", "): what a key looked like.
+        headers: dict[str, str] = {}
+        for name, value in request.headers.items():
+            key = name.lower()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        self.requests.append((request.path, body, headers))
         return raw, body
 
     def scripted_failure(self, headers: Mapping[str, str]) -> Reject:

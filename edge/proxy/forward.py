@@ -96,11 +96,12 @@ class _Foreign:
     """A request in another dialect than OpenAI's: its translation, made once, the first time
     an attempt goes to a host that does not speak the dialect (edge/proxy/translate.py)."""
 
-    __slots__ = ("preq", "headers", "_translation", "_headers")
+    __slots__ = ("preq", "headers", "passthrough", "_translation", "_headers")
 
-    def __init__(self, preq: ProxyRequest, headers: bytes) -> None:
+    def __init__(self, preq: ProxyRequest, headers: bytes, passthrough: bool) -> None:
         self.preq = preq
         self.headers = headers
+        self.passthrough = passthrough  # the client's own key goes on (no keys of the edge's)
         self._translation: Translation | None = None
         self._headers = b""
 
@@ -108,7 +109,8 @@ class _Foreign:
         """Raises EdgeError (400, 501) for a request that cannot be translated."""
         if self._translation is None:
             found = self._translation = Translation(self.preq)
-            self._headers = found.headers(self.headers, self.preq.target.partition("?")[2])
+            query = self.preq.target.partition("?")[2]
+            self._headers = found.headers(self.headers, query, self.passthrough)
             return found
         return self._translation
 
@@ -137,7 +139,8 @@ class Forwarder:
         # Which hosts speak the client's dialect; the others get the request translated.
         self.speaks = speaks or Speaks({}, 600.0)
         # keys/none auth modes: the key each server gets, added per attempt (edge/access/auth.py).
-        self.credentials: Callable[[ProxyRequest, Host], list[tuple[str, str]]] | None = None
+        # Called with the dialect the request is sent in (OpenAI's, when translated).
+        self.credentials: Callable[[str, Host], list[tuple[str, str]]] | None = None
         self.balancer = balancer
         self.attempts = attempts
         self.metrics = metrics
@@ -160,7 +163,9 @@ class Forwarder:
         if self.settings is not self._tuned:
             self._tune()
         plan = Plan(preq.model, hosts, decision, self.balancer, self.budget)
-        foreign = _Foreign(preq, headers) if preq.dialect != OPENAI else None
+        foreign = None
+        if preq.dialect != OPENAI:
+            foreign = _Foreign(preq, headers, passthrough=self.credentials is None)
         for _ in range(self.settings.max_attempts):
             host = plan.next()
             if host is None:
@@ -219,12 +224,12 @@ class Forwarder:
     ) -> Upstream:
         """One attempt on `host`, up to its first body byte; UpstreamFailure when it fails."""
         t = self._timeouts.get(preq.model) or self._timeouts[""]
-        keys = b"" if self.credentials is None else render(self.credentials(preq, host))
         translation: Translation | None = None
         target, body = preq.target, preq.body
         if foreign is not None and not self.speaks.native(host.url, preq.dialect):
             translation = foreign.translation()
             target, body, headers = TARGET, translation.body, foreign.translated_headers()
+        keys = self._keys(OPENAI if translation is not None else preq.dialect, host)
         attempt = self.attempts.start(host, preq.model)
         response: UpstreamResponse | None = None
         try:
@@ -239,6 +244,7 @@ class Forwarder:
                     response.close()
                     response = None
                     translation = foreign.translation()
+                    keys = self._keys(OPENAI, host)
                     response = await self.pool.post(
                         host.url, TARGET, foreign.translated_headers() + keys, translation.body,
                         t.first_byte_s, t.connect_s,
@@ -285,6 +291,10 @@ class Forwarder:
             raise
         attempt.answered(time.monotonic())
         return Upstream(attempt, response, first, translation)
+
+    def _keys(self, dialect: str, host: Host) -> bytes:
+        """keys/none auth modes: `host`'s own key, in the field of the dialect sent."""
+        return b"" if self.credentials is None else render(self.credentials(dialect, host))
 
     @property
     def stale_retries(self) -> int:

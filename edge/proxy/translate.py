@@ -95,12 +95,12 @@ class Translation:
         kind = "invalid_request_error" if status < 500 else "server_error"
         return error_json(status, message, kind, self.dialect)
 
-    def headers(self, block: bytes, query: str) -> bytes:
-        """The header block for the translated request: the client's key, from a dialect's own
-        field or Gemini's ?key=, moved to Authorization (passthrough mode: in the keyed modes
-        the edge already replaced every client key)."""
+    def headers(self, block: bytes, query: str, passthrough: bool = True) -> bytes:
+        """The header block for the translated request. In passthrough mode the client's key,
+        from a dialect's own field or Gemini's ?key=, moves to Authorization; in the keyed modes
+        the edge already replaced every client key (`block` has none) and ?key= stays behind."""
         kept: list[bytes] = []
-        key = b""
+        key = b"" if passthrough else b"-"
         for line in block.split(b"\r\n"):
             name = line.partition(b":")[0].strip().lower()
             if name in _KEY_FIELDS and not key:

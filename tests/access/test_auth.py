@@ -324,11 +324,13 @@ def test_upstream_keys_per_server(monkeypatch: pytest.MonkeyPatch, caplog) -> No
         preq = ProxyRequest(dialect, "chat", model, False, b"{}", "/v1/x", {})
         assert keys.headers(preq, fleet.models[model]) == []  # nothing common to all attempts
         host = next(h for h in fleet.models[model] if h.url == url)
-        return keys.for_host(preq, host)
+        return keys.for_host(preq.dialect, host)
 
     assert sent("a", "openai", "http://a") == [("Authorization", "Bearer k-a")]  # normalised
     assert sent("b", "anthropic", "http://b") == [("x-api-key", "from-env")]
     assert sent("b", "gemini", "http://b") == [("x-goog-api-key", "from-env")]
+    # A request translated to OpenAI's API carries the key where OpenAI's API reads it.
+    assert keys.for_host("openai", fleet.models["b"][0]) == [("Authorization", "Bearer from-env")]
     # Servers of one model with different keys: each attempt carries its own server's key.
     assert sent("ab", "openai", "http://a") == [("Authorization", "Bearer k-a")]
     assert sent("ab", "openai", "http://b") == [("Authorization", "Bearer from-env")]

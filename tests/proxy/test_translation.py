@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,6 +19,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
+from edge.access.keys import FileBackend, Limits, create_key
 from tests.observe.test_metrics import scrape, total
 
 PNG = base64.b64decode(
@@ -82,6 +84,9 @@ async def test_anthropic_sdk_plain_and_streaming_through_an_openai_only_server(
     assert plain["path"] == streamed["path"] == "/v1/chat/completions"
     assert plain["body"]["messages"][0] == {"role": "system", "content": "Be brief."}
     assert plain["body"]["max_tokens"] == 64 and streamed["body"]["stream"] is True
+    # Passthrough: the client's key reaches the server where OpenAI's API reads it.
+    assert plain["headers"]["authorization"] == "Bearer a-key"
+    assert "x-api-key" not in plain["headers"] and "anthropic-version" not in plain["headers"]
     s = await _samples(edge)
     assert total(s, "edge_translated_requests_total", **{"from": "anthropic"}) == 2
     assert total(s, "edge_tokens_total", type="completion") == 8  # usage read as it passed
@@ -338,3 +343,38 @@ async def test_a_translated_request_fails_over_and_honours_a_pin(start_mock, sta
     await client.close()
     assert caught.value.status_code == 503
     assert "All servers failed" in caught.value.body["error"]["message"]  # type: ignore[index]
+
+
+async def test_keys_rate_limits_metering_and_affinity_work_the_same_translated(
+    start_mock, start_edge, tmp_path: Path
+):
+    path = str(tmp_path / "keys.json")
+    _, key = create_key(FileBackend(path), "translated", limits=Limits(rpm=3))
+    mock = await start_mock(models=("m",), speaks=("openai",), tokens=3)
+    edge = await start_edge(
+        {"m": [mock]}, dialects={mock: ["openai"]}, auth__mode="keys", auth__key_store=path,
+        auth__upstream_keys={mock: "server-secret"},
+    )  # fmt: skip
+    client = anthropic.AsyncAnthropic(base_url=edge.url, api_key=key, max_retries=0)
+    for _ in range(2):
+        reply = await client.messages.with_raw_response.create(
+            model="m", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert "edge_affinity=" in reply.headers["set-cookie"]  # the sticky cookie, as ever
+    async with aiohttp.ClientSession() as http:  # Gemini's key in the query, translated
+        url = f"{edge.url}/v1beta/models/m:generateContent?key={key}"
+        async with http.post(url, json={"contents": [{"parts": [{"text": "hi"}]}]}) as resp:
+            assert resp.status == 200 and "candidates" in await resp.json()
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        await client.messages.create(
+            model="m", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+        )
+    await client.close()
+    assert caught.value.body["type"] == "error"  # type: ignore[index]
+    s = await _samples(edge)
+    kid = key[8:16]
+    assert total(s, "edge_key_tokens_total", key=kid, type="completion") == 9  # from the server
+    assert total(s, "edge_key_requests_total", key=kid, code="2xx") == 3
+    sent = await sent_upstream(mock)
+    assert [r["headers"]["authorization"] for r in sent] == ["Bearer server-secret"] * 3
+    assert key not in str(sent)  # the client's key never reaches the server
