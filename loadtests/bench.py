@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import statistics
 import subprocess
@@ -59,10 +58,10 @@ from loadtests.bench.targets import (  # noqa: E402
     tool_version,
     vllm_router,
 )
+from loadtests.bench.wrk import PATH  # noqa: E402
+from loadtests.bench.wrk import wrk as wrk_round  # noqa: E402
 
 OUT = ROOT / "bench-results"
-PATH = "/v1/chat/completions"
-POST_LUA = Path(__file__).with_name("bench") / "post.lua"
 # BENCH_QUICK=1: a smoke run of every phase in about a minute (figures too short to quote).
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 F1_SECONDS, F1_WARM_SECONDS, F1_CONNECTIONS = (2, 1, 64) if QUICK else (5, 2, 64)
@@ -79,21 +78,7 @@ def log(message: str) -> None:
 
 
 def wrk(url: str, seconds: int) -> dict[str, Any]:
-    lua, target = str(POST_LUA), url + PATH
-    cmd = pinned(LOAD_CORE, "wrk", "-t1", f"-c{F1_CONNECTIONS}", f"-d{seconds}s", "-s", lua, target)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
-    out = done.stdout
-    found = re.search(r"(\d+) requests in", out)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if not found:
-        raise RuntimeError(f"wrk gave no result: {(done.stderr or out)[-300:]}")
-    return {
-        "requests": int(found[1]),
-        "rps": float(rps[1]) if rps else 0.0,
-        "errors": (int(non2xx[1]) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0),
-    }
+    return wrk_round(url, seconds, F1_CONNECTIONS)
 
 
 def client(mode: str, *args: str, timeout_s: float = 180) -> dict[str, Any]:
