@@ -18,7 +18,7 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "config": set(),
     "dialects": {"errors"},
-    "routing": {"config", "errors"},
+    "routing": {"config", "errors", "dialects"},
     "http": {"config", "errors", "dialects"},
     "observe": {"config", "routing"},
     # The gate reads the classified request (proxy.route), checked below as the one exception.

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import aiohttp
 
 from edge.config import ModelTimeouts, UpstreamSettings
+from edge.dialects import OPENAI
 from edge.errors import UpstreamFailure
 from edge.http.client import (
     PoolFull,
@@ -44,7 +45,7 @@ from edge.routing.balance import Balancer, Decision
 from edge.routing.fleet import Host
 from edge.routing.health import RetryBudget
 from edge.routing.plan import Plan
-from edge.routing.speaks import OPENAI, Speaks
+from edge.routing.speaks import Speaks
 
 
 class Upstream:

@@ -65,10 +65,6 @@ class Attempt:
         self.ended_at = 0.0
         self._token = host.stats.waiting(started)
 
-    @property
-    def ended(self) -> bool:
-        return bool(self.outcome)
-
     def answered(self, now: float) -> None:
         """The first body byte arrived: the host answered this attempt."""
         self.ttfb_s = now - self.started

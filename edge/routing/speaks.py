@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Final
 
-OPENAI: Final = "openai"  # edge.dialects.OPENAI (routing imports nothing above it)
+from edge.dialects import OPENAI
+
 _MAX_LEARNT: Final = 10_000  # (host, dialect) pairs remembered; a bound, cleared whole when full
 
 

@@ -41,7 +41,7 @@ def test_a_served_attempt_samples_its_ttfb_and_decode_rate_and_leaves_nothing_in
     attempt.answered(clock.now)
     assert host.stats.waited(clock.now) == 0.0 and host.inflight == 1  # still streaming
     attempt.finish(OK, clock.now + 1.0, completion_tokens=50)
-    assert host.inflight == 0 and heard == [attempt] and attempt.ended
+    assert host.inflight == 0 and heard == [attempt] and attempt.outcome == OK
     assert host.stats.samples == 1 and host.stats.ttfb_ewma == pytest.approx(0.2)
     assert host.stats.rate_ewma == pytest.approx(50.0)  # 50 tokens in the 1 s after the byte
     assert host.fails_in_row == 0 and host.stats.failed_at == -math.inf
