@@ -54,15 +54,34 @@ class ModelTimeouts:
     first_byte_timeout_s: float = 0.0
     idle_timeout_s: float = 0.0
     total_timeout_s: float = 0.0
+    stall_timeout_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamSettings:
     connect_timeout_s: float = 3.0
     # Until the first body byte (an SSE stream's first event), not just the headers: engines send
-    # headers at once and then spend the prefill silently.
-    first_byte_timeout_s: float = 120.0
+    # headers at once and then spend the prefill silently. This is the bound for a request's
+    # last chance (no other host can take it); while another host can, an attempt's first byte
+    # is due within first_token_factor x the host's recent time to first byte, at least
+    # first_token_floor_s (and never past first_byte_timeout_s): then the request moves on.
+    first_byte_timeout_s: float = 60.0
+    first_token_factor: float = 4.0
+    first_token_floor_s: float = 5.0
     idle_timeout_s: float = 120.0
+    # After the first byte, a stream that can be continued on another host (chat and
+    # completions, see [routing] continuation) counts as dead after this long without a byte;
+    # other bodies wait idle_timeout_s.
+    stall_timeout_s: float = 10.0
+    # A non-streamed answer is read whole before anything goes to the client, up to this many
+    # bytes: a host that dies mid-body is then retried whole on another host. Past it the
+    # answer is relayed as it comes (committed).
+    max_buffered_body_bytes: int = 1024 * 1024
+    # A 429 or 503 with Retry-After holds the host out of routing that long, at most
+    # retry_after_max_s; a request that no other host can serve waits for it, at most
+    # retry_after_wait_s, instead of failing.
+    retry_after_max_s: float = 60.0
+    retry_after_wait_s: float = 10.0
     total_timeout_s: float = 0.0  # 0: none (a generation may stream for as long as it needs)
     max_attempts: int = 3
     # Retry budget: retries (attempts after a request's first) stay within retry_ratio x requests
@@ -165,6 +184,10 @@ class ModelRouting:
     policy: str = ""
     affinity: bool = True
     hedging: bool = False
+    continuation: bool = True  # off when [routing] continuation is off
+    # Models tried in order when every host of this one failed, or a host answered that the
+    # prompt is longer than the model's context.
+    fallbacks: tuple[str, ...] = ()
     # server URL -> price; servers without one sort after every priced server.
     prices: Mapping[str, Price] = field(default_factory=dict, metadata={"entry": Price})
 
@@ -198,6 +221,13 @@ class RoutingSettings:
     # How long a server that answered 404/405 on a dialect's path (Anthropic's, Gemini's) is
     # taken not to speak it: requests in that dialect go to it translated to OpenAI's meanwhile.
     dialect_memory_s: float = 600.0
+    # A stream that breaks after its first byte (the host died, stalled or sent an error event)
+    # is continued on another host from what the client already has, at most max_continuations
+    # times per request; the relayed bytes are kept for it up to continuation_keep_bytes per
+    # stream (past it that stream is not continued).
+    continuation: bool = True
+    max_continuations: int = 2
+    continuation_keep_bytes: int = 1024 * 1024
     models: Mapping[str, ModelRouting] = field(
         default_factory=dict, metadata={"entry": ModelRouting}
     )
@@ -373,6 +403,12 @@ def validate(config: Config) -> None:
         (u.first_byte_timeout_s > 0, "upstream.first_byte_timeout_s must be > 0"),
         (u.idle_timeout_s > 0, "upstream.idle_timeout_s must be > 0"),
         (1 <= u.max_attempts <= 10, "upstream.max_attempts must be 1..10"),
+        (u.stall_timeout_s > 0, "upstream.stall_timeout_s must be > 0"),
+        (u.first_token_factor >= 1 and u.first_token_floor_s > 0,
+         "upstream.first_token_factor must be >= 1 and first_token_floor_s > 0"),
+        (u.max_buffered_body_bytes >= 0, "upstream.max_buffered_body_bytes must be >= 0"),
+        (u.retry_after_max_s >= 0 and u.retry_after_wait_s >= 0,
+         "upstream.retry_after_max_s and retry_after_wait_s must be >= 0"),
         (u.max_connections_per_server >= 1, "upstream.max_connections_per_server must be >= 1"),
         (d.refresh_s > 0, "discovery.refresh_s must be > 0"),
     ]
@@ -421,6 +457,10 @@ def _routing_checks(r: RoutingSettings) -> list[tuple[bool, str]]:
         (r.decay_s > 0 and r.scrape_interval_s > 0 and r.scrape_timeout_s > 0,
          "routing.decay_s, scrape_interval_s and scrape_timeout_s must be > 0"),
         (r.dialect_memory_s > 0, "routing.dialect_memory_s must be > 0"),
+        (0 <= r.max_continuations <= 10, "routing.max_continuations must be 0..10"),
+        (r.continuation_keep_bytes >= 0, "routing.continuation_keep_bytes must be >= 0"),
+        (all(m not in ms.fallbacks for m, ms in r.models.items()),
+         "routing.models.*.fallbacks must not name the model itself"),
         (0.0 <= r.hedge_budget <= 1.0, "routing.hedge_budget must be 0..1"),
         (r.hedge_min_delay_s >= 0, "routing.hedge_min_delay_s must be >= 0"),
         (all(p.input >= 0 and p.output >= 0 for p in prices), "routing prices must be >= 0"),
