@@ -206,6 +206,22 @@ class Families:
             "Requests sent to a server in OpenAI's dialect, translated from the client's.",
             ("from", "to"),
         )  # fmt: skip
+        self.continuations = c(
+            "edge_continuations",
+            "Streams broken after their first byte and continued on another server, by outcome "
+            "(ok: the continuation opened; failed: none did; refused: not continuable).",
+            ("model", "outcome"),
+        )  # fmt: skip
+        self.fallbacks = c(
+            "edge_model_fallbacks",
+            "Requests moved to a fallback model, by reason (unavailable, context_length).",
+            ("model", "to", "reason"),
+        )  # fmt: skip
+        self.held = c(
+            "edge_retry_after_holds",
+            "Times a server was held out of routing for the Retry-After it sent with a 429 or 503.",
+            ("server",),
+        )  # fmt: skip
         self.discovery = c(
             "edge_discovery_refreshes", "Discovery source reads, by outcome (ok, error).",
             ("outcome",),
@@ -218,7 +234,8 @@ class Families:
     def counters(self) -> tuple[Counter, ...]:
         return (
             self.requests, self.attempts, self.tokens, self.bytes_in, self.bytes_out,
-            self.ejections, self.affinity, self.discovery, self.translated, *self.by_model(),
+            self.ejections, self.affinity, self.discovery, self.translated, self.continuations,
+            self.fallbacks, self.held, *self.by_model(),
         )  # fmt: skip
 
     def histograms(self) -> tuple[Histogram, ...]:

@@ -137,6 +137,20 @@ class Metrics(Collector):
         """A request in `dialect` went to a server translated to OpenAI's."""
         self.f.translated.inc((dialect, "openai"))
 
+    def continued(self, model: str, outcome: str) -> None:
+        """A stream broke after its first byte: continued ("ok"), or not ("failed": no host
+        took it; "refused": it could not be continued)."""
+        self.f.continuations.inc((model, outcome))
+
+    def fell_back(self, model: str, to: str, reason: str) -> None:
+        """A request for `model` moved to the fallback model `to` ("unavailable",
+        "context_length")."""
+        self.f.fallbacks.inc((model, to, reason))
+
+    def held(self, host: Host) -> None:
+        """`host` sent Retry-After with a 429 or 503: held out of routing for that long."""
+        self.f.held.inc((host.url,))
+
     def discovery_refreshed(self, ok: bool) -> None:
         """One source was read (ok) or failed (error)."""
         self.f.discovery.inc(("ok" if ok else "error",))
