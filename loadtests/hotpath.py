@@ -1,7 +1,7 @@
 """The edge's own Python CPU per proxied request, with the sockets taken out.
 
     .venv/bin/python loadtests/hotpath.py [--requests 20000] [--rounds 5] [--stream]
-        [--dialect anthropic|gemini [--translate]]
+        [--dialect anthropic|gemini [--translate]] [--no-continuation]
 
 A whole worker (edge/app.py's Worker, default config, one model on one server) answers requests
 fed straight into its client-side protocol; its pooled upstream connection has a transport
@@ -12,7 +12,9 @@ interpreter's work alone and moves little with other load on the machine: the nu
 watch while making the hot path leaner. The median over rounds is printed, in microseconds per
 request (or per relayed chunk with --stream, 50 chunks a request). With --dialect the client
 speaks Anthropic's or Gemini's API; with --translate its server speaks only OpenAI's, so each
-relayed event is translated (edge/proxy/translate.py) instead of passed through.
+relayed event is translated (edge/proxy/translate.py) instead of passed through. A streamed
+request can be continued on another host if its stream breaks (routing.continuation, on by
+default: the relayed pieces are kept, bounded); --no-continuation measures the relay without.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ ANSWER = (
     b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n"
     % len(BODY)
 ) + BODY
+STREAM_REQUEST = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 80\r\n\r\n"
+    b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hello there"}]}'
+)
 CHUNK = b'data: {"choices":[{"delta":{"content":"%s"}}]}\n\n' % (b"x" * 120)
 # The same request in each dialect (--dialect), for the cost of translating its answer.
 DIALECT_REQUESTS = {
@@ -98,13 +105,15 @@ class _Transport:
 
 
 async def run(
-    requests: int, rounds: int, stream: bool, dialect: str = "openai", translate: bool = False
-) -> list[float]:
+    requests: int, rounds: int, stream: bool, dialect: str = "openai", translate: bool = False,
+    continuation: bool = True,
+) -> list[float]:  # fmt: skip
     raw: dict[str, Any] = {"models": {"m": {"servers": [UPSTREAM]}}, "health": {"enabled": False}}
+    raw["routing"] = {"continuation": continuation}
     if translate:
         raw["dialects"] = {UPSTREAM: ["openai"]}  # the answer is translated, event by event
     config = from_mapping(raw)
-    request = request_in(dialect)
+    request = STREAM_REQUEST if stream and dialect == "openai" else request_in(dialect)
     worker = Worker(config)
     await worker.start(bind("127.0.0.1", 0, False))
     loop = asyncio.get_running_loop()
@@ -171,8 +180,17 @@ def main() -> None:
         "--translate", action="store_true",
         help="the server speaks only OpenAI's API: the answer is translated to --dialect's",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-continuation", action="store_true",
+        help="routing.continuation off: a broken stream is not continued, nothing is kept",
+    )  # fmt: skip
     args = parser.parse_args()
-    per = uvloop.run(run(args.requests, args.rounds, args.stream, args.dialect, args.translate))
+    per = uvloop.run(
+        run(
+            args.requests, args.rounds, args.stream, args.dialect, args.translate,
+            not args.no_continuation,
+        )  # fmt: skip
+    )
     unit = "relayed chunk" if args.stream else "request"
     shown = " ".join(f"{v:.1f}" for v in per)
     median = statistics.median(per)

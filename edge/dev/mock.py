@@ -4,15 +4,27 @@ It is the upstream for the proxy's tests and throughput benchmarks, so answers a
 deterministic, cheap to produce, and scriptable per request through X-Mock-* headers.
 
 A test control of the mock only (never of the edge, which forwards only API paths): `POST
-/_mock/fault` with a JSON `Fault` (`{}` clears it) makes every request that follows slower,
-failing with a status, or its stream cut off after some events, until the next one; `GET
-/_mock/fault` says which is in force. Chaos runs (loadtests/chaos) switch faults with it.
+/_mock/fault` with a JSON `Fault` (`{}` clears it) makes every request that follows (or the next
+`count`) slower, failing with a status (and a Retry-After), or its stream cut off, stalled or
+ended by an error event after some events, until the next one; `GET /_mock/fault` says which is
+in force. Chaos runs (loadtests/chaos) switch faults with it.
 `GET /_mock/requests` lists the last requests the model endpoints read (path and parsed body,
 newest last), so a test sees what the edge sent upstream; `DELETE /_mock/requests` forgets them.
 
 `MockOptions.speaks` names the dialects served: an unspoken one has no route and answers vLLM's
 404, as the engines people run do, so tests exercise the edge's translation to OpenAI. A chat
 request with `tools` is answered with one tool call (edge/dev/mockwire.py: tool_call).
+
+`MockOptions.context` (or X-Mock-Context) is the model's context length: a prompt whose words plus
+the completion asked for (max_tokens, else the answer's tokens) exceed it gets each host's 400.
+
+Continuation, as engines do it: a chat (or Anthropic) request whose last message is the
+assistant's, a Gemini one whose last content is the model's, and a legacy completions prompt that
+ends with the mock's own "tok1 ... tokk " continue the same answer from tok(k+1), in a stream of
+their own (a new id, the role delta first). So an answer cut after k tokens and continued reads,
+joined, exactly as the uninterrupted one. `continue_final_message: true` (vLLM's way) needs
+`add_generation_prompt: false` and answers vLLM's 400 otherwise; without it the final assistant
+message is continued anyway (llama.cpp's way).
 """
 
 from __future__ import annotations
@@ -41,21 +53,27 @@ from edge.dev.mockwire import (
     Turn,
     anthropic_error,
     anthropic_events,
+    context_reject,
     cut_connection,
     embedding_inputs,
     encode_vector,
     gemini_chunks,
     gemini_merge,
+    gemini_sse,
     google_error,
     json_array,
+    limit_of,
     openai_error,
+    openai_events,
+    openai_held,
     openai_usage,
+    prefilled,
+    prompt_words,
     relevance,
     rerank_text,
-    sse,
-    token_texts,
     tool_call,
     vector,
+    words,
 )
 from edge.dialects import ANTHROPIC, GEMINI, OPENAI
 
@@ -66,12 +84,16 @@ TTFT_HEADER = istr("X-Mock-TTFT-Ms")
 CHUNK_HEADER = istr("X-Mock-Chunk-Ms")
 TOKENS_HEADER = istr("X-Mock-Tokens")
 STATUS_HEADER = istr("X-Mock-Status")
-_OVERRIDES = (TTFT_HEADER, CHUNK_HEADER, TOKENS_HEADER)
+CONTEXT_HEADER = istr("X-Mock-Context")
+_OVERRIDES = (TTFT_HEADER, CHUNK_HEADER, TOKENS_HEADER, CONTEXT_HEADER)
 
-_SSE_DONE = b"data: [DONE]\n\n"
 _DIALECTS = (OPENAI, ANTHROPIC, GEMINI)
 REQUEST_LOG = 32  # requests GET /_mock/requests remembers, newest last
 TOOL_TOKENS = 5  # completion tokens a tool call counts, whatever the budget: its arguments are few
+STALL_CAP_S = 3600.0  # a stalled stream's silence ends (the connection cut) after this at most
+# How often a stalled stream looks whether its client has left: aiohttp cancels no handler when
+# one does (unless its runner sets handler_cancellation, which test runners do not).
+STALL_POLL_S = 0.05
 
 # (chat?, streamed?) -> OpenAI "object" field; legacy completions use one name for both
 _OPENAI_OBJECTS = {
@@ -97,14 +119,17 @@ class MockOptions:
     keepalive_s: float = 75.0
     # The dialects served; OpenAI's always (every engine speaks it), the others optionally.
     speaks: tuple[str, ...] = _DIALECTS
+    # The model's context length in tokens (prompt words + completion); 0: unlimited.
+    context: int = 0
 
     def __post_init__(self) -> None:
         if not self.models:
             raise ValueError("a mock must serve at least one model")
         if OPENAI not in self.speaks or not set(self.speaks) <= set(_DIALECTS):
             raise ValueError(f"speaks must name openai and any of anthropic, gemini: {self.speaks}")
-        if self.ttft_ms < 0 or self.chunk_ms < 0 or self.tokens < 0 or self.keepalive_s < 0:
-            raise ValueError("delays, token counts and keepalive_s must be >= 0")
+        numbers = (self.ttft_ms, self.chunk_ms, self.tokens, self.keepalive_s, self.context)
+        if any(n < 0 for n in numbers):
+            raise ValueError("delays, token counts, keepalive_s and context must be >= 0")
         if not 0.0 <= self.fail_rate <= 1.0:
             raise ValueError("fail_rate must be within [0, 1]")
 
@@ -116,8 +141,10 @@ class _Plan:
     ttft_ms: float
     chunk_ms: float
     tokens: int
-    cut_after: int = -1  # events streamed before the connection is dropped; -1: all of them
-    partial: bool = False  # half of the next event's chunk goes out first
+    context: int = 0  # the model's context length; 0: unlimited
+    stop_after: int = -1  # body events streamed before the stream stops; -1: all of them
+    stop: str = ""  # how: "cut" (the connection dropped), "stall" (silence) or "error" (an event)
+    partial: bool = False  # a cut sends half of the next event's chunk first
 
 
 Renderer = Callable[[Reject], dict[str, Any]]
@@ -136,39 +163,6 @@ async def _unspoken(request: web.Request) -> web.StreamResponse:
 
 def _new_id(prefix: str) -> str:
     return prefix + os.urandom(12).hex()
-
-
-def _words(value: object) -> int:
-    """Deterministic token estimate: words of strings, one per token id, text of parts."""
-    if isinstance(value, str):
-        return len(value.split())
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
-        return 1
-    if isinstance(value, list):
-        return sum(_words(item) for item in value)
-    if isinstance(value, dict):
-        return _words(value.get("text"))
-    return 0
-
-
-def _prompt(messages: object, key: str) -> int:
-    """Words over all messages plus one per message, mimicking per-message template cost."""
-    if not isinstance(messages, list):
-        return 0
-    return sum(_words(m.get(key)) + 1 for m in messages if isinstance(m, dict))
-
-
-def _limit(body: dict[str, Any], *keys: str) -> int | None:
-    for key in keys:
-        value = body.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise Reject(400, f"{key} must be a non-negative integer", param=key)
-        return value
-    return None
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
@@ -215,9 +209,8 @@ async def _stream(
         for event in events.head:
             await resp.write(event)
         for sent, event in enumerate(events.body):
-            if sent == plan.cut_after and request.transport is not None:
-                chunked = resp.headers.get("Transfer-Encoding") == "chunked"
-                cut_connection(request.transport, event if plan.partial and chunked else b"")
+            if sent == plan.stop_after:
+                await _stop(request, resp, plan, events.error(sent), event)
                 return resp
             await _pause(plan.chunk_ms)
             await resp.write(event)
@@ -226,6 +219,31 @@ async def _stream(
     except ConnectionResetError:
         pass  # the client hung up mid-stream; there is nobody left to answer
     return resp
+
+
+async def _stop(
+    request: web.Request, resp: web.StreamResponse, plan: _Plan, error: tuple[bytes, ...], at: bytes
+) -> None:
+    """A fault's end of a stream before event `at`: an error event and a clean end, silence, or
+    the connection dropped."""
+    if plan.stop == "error":
+        await _pause(plan.chunk_ms)
+        for event in error:
+            await resp.write(event)
+        return
+    if plan.stop == "stall":
+        await _stall(request)
+    if request.transport is not None:
+        chunked = resp.headers.get("Transfer-Encoding") == "chunked"
+        cut_connection(request.transport, at if plan.partial and chunked else b"")
+
+
+async def _stall(request: web.Request) -> None:
+    """Silence until the client leaves (its transport is gone), STALL_CAP_S at most."""
+    for _ in range(math.ceil(STALL_CAP_S / STALL_POLL_S)):
+        if request.transport is None or request.transport.is_closing():
+            return
+        await asyncio.sleep(STALL_POLL_S)
 
 
 def _called(turn: Turn, body: dict[str, Any]) -> Turn:
@@ -240,9 +258,10 @@ class _Mock:
     def __init__(self, opts: MockOptions) -> None:
         self.opts = opts
         self.models = frozenset(opts.models)
-        self.default_plan = _Plan(opts.ttft_ms, opts.chunk_ms, opts.tokens)
+        self.default_plan = _Plan(opts.ttft_ms, opts.chunk_ms, opts.tokens, opts.context)
         self.rng = random.Random()
         self.fault: Fault | None = None
+        self.fault_left = 0  # requests the fault still applies to, when it has a count
         # Bodies kept as parsed, not copied: cheap, and the handlers only read them.
         self.requests: deque[tuple[str, dict[str, Any], dict[str, str]]] = deque(maxlen=REQUEST_LOG)
         created = int(time.time())
@@ -260,7 +279,9 @@ class _Mock:
             try:
                 return await handler(request, self.plan(request))
             except Reject as err:
-                return _json((err.shape or shape)(err), err.status)
+                answer = _json((err.shape or shape)(err), err.status)
+                answer.headers.update(err.headers or {})
+                return answer
 
         return run
 
@@ -275,15 +296,21 @@ class _Mock:
                 _header(headers, TTFT_HEADER, base.ttft_ms),
                 _header(headers, CHUNK_HEADER, base.chunk_ms),
                 int(_header(headers, TOKENS_HEADER, base.tokens, integral=True)),
+                int(_header(headers, CONTEXT_HEADER, base.context, integral=True)),
             )
         return base if self.fault is None else self.faulty(base, self.fault)
 
     def faulty(self, plan: _Plan, fault: Fault) -> _Plan:
+        if fault.count:  # this request is one of the fault's last `count`
+            self.fault_left -= 1
+            self.fault = self.fault if self.fault_left > 0 else None
         if fault.status and self.rng.random() < fault.rate:
             message = f"mock {self.opts.name} fails on purpose (fault {fault.status})"
-            raise Reject(fault.status, message, code="mock_fault")
+            retry = {"Retry-After": fault.retry_after} if fault.retry_after else None
+            raise Reject(fault.status, message, code="mock_fault", headers=retry)
         ttft, chunk = plan.ttft_ms + fault.ttft_ms, plan.chunk_ms + fault.chunk_ms
-        return _Plan(ttft, chunk, plan.tokens, fault.cut_after, fault.partial)
+        stop_after, stop = fault.stream_stop()
+        return _Plan(ttft, chunk, plan.tokens, plan.context, stop_after, stop, fault.partial)
 
     # --- test control -------------------------------------------------------------
 
@@ -291,6 +318,7 @@ class _Mock:
         try:
             _, body = await _read_json(request)
             self.fault = Fault(**body) if body else None
+            self.fault_left = self.fault.count if self.fault else 0
         except Reject as err:
             return _json(openai_error(err), err.status)
         except (TypeError, ValueError) as exc:  # an unknown field, a bad value
@@ -299,7 +327,8 @@ class _Mock:
 
     async def get_fault(self, request: web.Request) -> web.StreamResponse:
         fault = self.fault or Fault()
-        return _json({"active": self.fault is not None, **dataclasses.asdict(fault)})
+        left = self.fault_left if fault.count else None  # None: until the next POST
+        return _json({"active": self.fault is not None, **dataclasses.asdict(fault), "left": left})
 
     async def list_requests(self, request: web.Request) -> web.StreamResponse:
         return _json(
@@ -337,10 +366,19 @@ class _Mock:
             raise Reject(404, message, param="model", code="model_not_found")
         return raw, body, model
 
-    def turn(self, model: str, prompt: int, plan: _Plan, limit: int | None) -> Turn:
-        if limit is None or limit >= plan.tokens:
-            return Turn(model, prompt, plan.tokens, truncated=False)
-        return Turn(model, prompt, limit, truncated=True)
+    def turn(
+        self, model: str, prompt: int, plan: _Plan, limit: int | None, dialect: str, held: int = 0
+    ) -> Turn:
+        """The answer from token held+1 on, `limit` tokens at most; refused with the dialect's
+        400 where the prompt and the completion asked for (the limit, else all the answer has
+        left) exceed the plan's context."""
+        left = max(0, plan.tokens - held)
+        asked = left if limit is None else limit
+        if plan.context and prompt + asked > plan.context:
+            raise context_reject(dialect, plan.context, prompt, asked)
+        if limit is None or limit >= left:
+            return Turn(model, prompt, left, truncated=False, start=held)
+        return Turn(model, prompt, limit, truncated=True, start=held)
 
     def common(self, model: str, chat: bool, stream: bool) -> dict[str, Any]:
         """Fields every OpenAI answer and chunk shares."""
@@ -363,39 +401,20 @@ class _Mock:
     async def openai(self, request: web.Request, plan: _Plan, chat: bool) -> web.StreamResponse:
         _, body, model = await self.model_body(request)
         # Only one of messages / prompt is present, so summing serves both endpoints.
-        prompt = _prompt(body.get("messages"), "content") + _words(body.get("prompt"))
-        limit = _limit(body, "max_completion_tokens", "max_tokens")
-        turn = self.turn(model, prompt, plan, limit)
+        prompt = prompt_words(body.get("messages"), "content") + words(body.get("prompt"))
+        limit = limit_of(body, "max_completion_tokens", "max_tokens")
+        turn = self.turn(model, prompt, plan, limit, OPENAI, openai_held(body, chat))
         turn = _called(turn, body) if chat else turn
         if body.get("stream") is True:
-            return await _stream(
-                request, plan, self.openai_events(turn, chat, _include_usage(body))
-            )
+            base = self.common(turn.model, chat, stream=True)
+            events = openai_events(base, turn, chat, _include_usage(body))
+            return await _stream(request, plan, events)
         answer = self.common(turn.model, chat, stream=False)
         text: dict[str, Any] = {"message": turn.chat_message()} if chat else {"text": turn.text}
         answer["choices"] = [{"index": 0, **text, "logprobs": None, "finish_reason": turn.finish}]
         answer["usage"] = openai_usage(turn)
         await _pause(plan.ttft_ms)
         return _json(answer)
-
-    def openai_events(self, turn: Turn, chat: bool, include_usage: bool) -> Events:
-        base = self.common(turn.model, chat, stream=True)
-
-        def chunk(piece: dict[str, Any], finish: str | None = None) -> bytes:
-            choice = {"index": 0, **piece, "logprobs": None, "finish_reason": finish}
-            return sse({**base, "choices": [choice]})
-
-        def token(text: str) -> dict[str, Any]:
-            return {"delta": {"content": text}} if chat else {"text": text}
-
-        head = [chunk({"delta": {"role": "assistant", "content": ""}})] if chat else []
-        tail = [chunk({"delta": {}} if chat else {"text": ""}, turn.finish)]
-        if include_usage:
-            tail.append(sse({**base, "choices": [], "usage": openai_usage(turn)}))
-        tail.append(_SSE_DONE)
-        if turn.call is not None:
-            return Events(head, (chunk({"delta": d}) for d in turn.call.deltas()), tail)
-        return Events(head, (chunk(token(t)) for t in token_texts(turn.completion)), tail)
 
     async def embeddings(self, request: web.Request, plan: _Plan) -> web.StreamResponse:
         _, body, model = await self.model_body(request)
@@ -407,7 +426,7 @@ class _Mock:
             {"object": "embedding", "index": i, "embedding": encode_vector(vector(item), encoding)}
             for i, item in enumerate(inputs)
         ]
-        used = sum(_words(item) for item in inputs)
+        used = sum(words(item) for item in inputs)
         usage = {"prompt_tokens": used, "total_tokens": used}
         await _pause(plan.ttft_ms)
         return _json({"object": "list", "data": data, "model": model, "usage": usage})
@@ -418,10 +437,10 @@ class _Mock:
         if not isinstance(query, str) or not isinstance(docs, list):
             raise Reject(400, "rerank needs a query string and a documents list")
         texts = [rerank_text(doc) for doc in docs]
-        top_n = _limit(body, "top_n")
+        top_n = limit_of(body, "top_n")
         scored = [{"index": i, "relevance_score": relevance(query, t)} for i, t in enumerate(texts)]
         scored.sort(key=lambda r: -r["relevance_score"])
-        usage = {"total_tokens": _words(query) + _words(texts)}
+        usage = {"total_tokens": words(query) + words(texts)}
         await _pause(plan.ttft_ms)
         results = scored if top_n is None else scored[:top_n]
         return _json({"id": _new_id("rerank-"), "model": model, "results": results, "usage": usage})
@@ -450,8 +469,10 @@ class _Mock:
 
     async def messages(self, request: web.Request, plan: _Plan) -> web.StreamResponse:
         _, body, model = await self.model_body(request)
-        prompt = _words(body.get("system")) + _prompt(body.get("messages"), "content")
-        turn = self.turn(model, prompt, plan, _limit(body, "max_tokens"))
+        messages = body.get("messages")
+        prompt = words(body.get("system")) + prompt_words(messages, "content")
+        held = prefilled(messages, "assistant", "content")
+        turn = self.turn(model, prompt, plan, limit_of(body, "max_tokens"), ANTHROPIC, held)
         message = self.anthropic_message(turn)
         if body.get("stream") is True:
             return await _stream(request, plan, anthropic_events(message, turn))
@@ -483,16 +504,17 @@ class _Mock:
             raise Reject(404, f"models/{model} is not found on mock {self.opts.name}")
         _, body = await self.received(request)
         config = body.get("generationConfig")
-        limit = _limit(config, "maxOutputTokens") if isinstance(config, dict) else None
-        system = body.get("systemInstruction")
-        prompt = _prompt(body.get("contents"), "parts")
-        prompt += _words(system.get("parts")) if isinstance(system, dict) else 0
-        chunks = gemini_chunks(self.turn(model, prompt, plan, limit))
+        limit = limit_of(config, "maxOutputTokens") if isinstance(config, dict) else None
+        system, contents = body.get("systemInstruction"), body.get("contents")
+        prompt = prompt_words(contents, "parts")
+        prompt += words(system.get("parts")) if isinstance(system, dict) else 0
+        held = prefilled(contents, "model", "parts")
+        chunks = gemini_chunks(self.turn(model, prompt, plan, limit, GEMINI, held))
         if method == "generateContent":
             await _pause(plan.ttft_ms)
             return _json(gemini_merge(chunks))
         if request.query.get("alt") == "sse":
-            return await _stream(request, plan, Events((), map(sse, chunks), ()))
+            return await _stream(request, plan, gemini_sse(chunks))
         return await _stream(request, plan, json_array(chunks), "application/json")
 
     # --- misc ---------------------------------------------------------------------
@@ -583,6 +605,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ttft-ms", type=_non_negative(float), default=d.ttft_ms)
     parser.add_argument("--chunk-ms", type=_non_negative(float), default=d.chunk_ms)
     parser.add_argument("--tokens", type=_non_negative(int), default=d.tokens)
+    parser.add_argument(
+        "--context", type=_non_negative(int), default=d.context,
+        help="the model's context length in tokens (prompt words + completion); 0: unlimited",
+    )  # fmt: skip
     parser.add_argument("--fail-rate", type=_probability, default=d.fail_rate)
     parser.add_argument(
         "--keepalive-s", type=_non_negative(float), default=d.keepalive_s,
@@ -606,6 +632,7 @@ def options_from_args(ns: argparse.Namespace) -> MockOptions:
         fail_rate=ns.fail_rate,
         keepalive_s=ns.keepalive_s,
         speaks=ns.speaks,
+        context=int(ns.context),
     )
 
 

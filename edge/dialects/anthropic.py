@@ -477,6 +477,11 @@ class Stream:
         self._state = _CLOSED
         return error_event(ANTHROPIC, message)
 
+    def drop_partial(self) -> None:
+        """Forget the incomplete last line: the stream goes on from a whole event (a
+        continuation, edge/proxy/continuation.py)."""
+        self._parts, self._held = [], 0
+
     def _hold(self, piece: bytes) -> None:
         if piece:
             self._held += len(piece)

@@ -546,6 +546,11 @@ class Stream:
             out.append(b"]" if self._sent else b"[]")
         return b"".join(out)
 
+    def drop_partial(self) -> None:
+        """Forget the incomplete last line: the stream goes on from a whole event (a
+        continuation, edge/proxy/continuation.py)."""
+        self._rest = b""
+
     def fail(self, message: str = STREAM_FAILED) -> bytes:
         """The error ending of a stream whose upstream broke; once. Calls still being gathered
         are dropped: half a call is no call."""

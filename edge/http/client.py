@@ -199,7 +199,11 @@ class UpstreamResponse:
         return b"".join(chunks)
 
     def pipe(
-        self, sink: Callable[[bytes], None], raw_sink: Callable[[bytes], None] | None = None
+        self,
+        sink: Callable[[bytes], None],
+        raw_sink: Callable[[bytes], None] | None = None,
+        keep: int = 0,
+        refuse: bytes = b"",
     ) -> BodyPipe:
         """From now on every body piece goes to `sink` as the parser emits it, with no task
         switch per piece: what was buffered at once, the rest through the `BodyPipe` returned,
@@ -209,8 +213,18 @@ class UpstreamResponse:
         `raw_sink`, for a client whose body is chunked too: a chunked body (between chunks
         now) then goes there as the bytes that arrived, framing and all, in whole chunks (a
         chunk a read ends inside waits for the rest: edge/http/chunked.py), up to its last chunk
-        (the pipe's `raw` tells which happened); what was buffered before goes to `sink`."""
+        (the pipe's `raw` tells which happened); what was buffered before goes to `sink`.
+
+        `keep` > 0: the pieces handed on are kept (`BodyPipe.kept`) up to that many bytes, for
+        a stream that may be continued elsewhere if it breaks (edge/proxy/continuation.py);
+        past the bound nothing is kept. While pieces are kept, one that holds `refuse` (an
+        error event's key) is not handed on: the body fails there (Malformed), so that the
+        stream can be continued instead of ending with the server's error."""
         pipe = self.piping = BodyPipe(self, sink)
+        if keep > 0:
+            pipe.kept = []
+            pipe.keep_left = keep
+            pipe.refuse = refuse
         if self._buf:
             pipe.feed(self._take())
         if self._exc is not None or self._eof:
@@ -219,6 +233,7 @@ class UpstreamResponse:
         chunks = self.chunks
         if raw_sink is not None and chunks is not None and chunks.at_boundary:
             pipe.raw = True
+            pipe.plain = len(pipe.kept) if pipe.kept is not None else 0
             pipe.sink = raw_sink
         pipe.arm()
         self._conn.pipe = pipe
@@ -312,11 +327,12 @@ class BodyPipe:
     made by `UpstreamResponse.pipe`. It is the client connection's `source` while it runs: the
     client's flow control pauses the upstream socket through it, and stops its idle clock too.
     What it handed on stays readable once it ended, for the relay's end of a failed stream: the
-    bytes (`piped`, `body_piped`), the last two pieces, whether the framing went raw."""
+    bytes (`piped`, `body_piped`), the last two pieces, whether the framing went raw, and (when
+    asked to keep them) every piece."""
 
     __slots__ = (
         "response", "sink", "ended", "raw", "chunks", "piped", "last", "prev", "timeout",
-        "fed_at", "_idle", "_lagging",
+        "fed_at", "kept", "keep_left", "plain", "refuse", "_idle", "_lagging",
     )  # fmt: skip
 
     def __init__(self, response: UpstreamResponse, sink: Callable[[bytes], None]) -> None:
@@ -329,6 +345,12 @@ class BodyPipe:
         self.last = self.prev = b""  # the last two pieces piped, where a stream's usage is
         self.timeout = response.read_timeout  # the longest gap while reading
         self.fed_at = 0.0  # when the server last sent bytes (the idle clock)
+        # The pieces handed on, while they fit in `keep_left` bytes (None: not kept, or past
+        # the bound); the first `plain` of them came before the framing went raw.
+        self.kept: list[bytes] | None = None
+        self.keep_left = 0
+        self.plain = 0
+        self.refuse = b""
         self._idle: asyncio.TimerHandle | None = None
         # The client's flow control paused reading (independent of whether the body goes on).
         self._lagging = False
@@ -341,6 +363,16 @@ class BodyPipe:
 
     def feed(self, data: bytes) -> None:
         """A piece of the body, from the connection's parser (or chunked reader): the hot path."""
+        kept = self.kept
+        if kept is not None:
+            if self.refuse and self.refuse in data:
+                self.response._fail(Malformed("the server sent an error event mid-stream"))
+                return
+            self.keep_left -= len(data)
+            if self.keep_left >= 0:
+                kept.append(data)
+            else:
+                self.kept = None  # too long to continue: the memory goes at once
         self.fed_at = _now()
         self.piped += len(data)
         self.prev, self.last = self.last, data

@@ -7,6 +7,8 @@ is kept as bytes and read once per distinct block: a server answers with the sam
 over (only its Date moves, once a second), so a `Seen` cache makes the usual response a single
 dictionary lookup. The parser (llhttp) has already validated every head these helpers see.
 
+`retry_after_s` reads a Retry-After value (a 429's or 503's), for routing to hold the host.
+
 The other way, `render` is the one renderer of header fields the edge makes up itself (keys sent
 upstream, an answer's extra fields): it refuses what would break a line, so that no value,
 whoever supplied it, can smuggle a header field or a second message.
@@ -14,7 +16,9 @@ whoever supplied it, can smuggle a header field or a second message.
 
 from __future__ import annotations
 
+import calendar
 import re
+import time
 from collections.abc import Callable, Hashable, Iterable
 from typing import Final, Generic, TypeVar
 
@@ -35,7 +39,7 @@ HOP_BY_HOP = frozenset(
 # the edge's own X-Request-ID and X-Edge-Server (edge/proxy/handler.py), never a server's claim to
 # them: relayed, a server could name another as the one that served, or send a second id.
 # Dropped here, once per distinct head (`Seen`), they cost nothing per response.
-EDGE_OWN = frozenset({"x-request-id", "x-edge-server"})
+EDGE_OWN = frozenset({"x-request-id", "x-edge-server", "x-edge-model"})
 _NOT_RELAYED = frozenset(n.encode() for n in HOP_BY_HOP | EDGE_OWN | {"content-length"})
 _OPTIONS = frozenset({b"close", b"keep-alive", b""})  # Connection values that name no field
 
@@ -152,3 +156,69 @@ def render(fields: Iterable[tuple[str, str]]) -> bytes:
     if block.count(b"\n") != n or block.count(b"\r") != n or b"\0" in block:
         raise BadField("a header field value contains CR, LF or NUL")
     return block
+
+
+# Retry-After (RFC 9110 10.2.3): delta-seconds, or an HTTP-date (5.6.7) in one of its three forms.
+# A delay longer than this is no plan a server has but a broken value (a date in the wrong
+# century, a counter sent as seconds): read as no Retry-After at all.
+MAX_RETRY_AFTER_S: Final = 86_400.0
+_DELTA_DIGITS: Final = 10  # more digits than this is past any bound, and int() of it costs
+_MONTHS: Final = {
+    m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep",
+                                "Oct", "Nov", "Dec"), 1)
+}  # fmt: skip
+_DAY: Final = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_MONTH: Final = r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME: Final = r"(\d\d):(\d\d):(\d\d)"
+# IMF-fixdate, "Sun, 06 Nov 1994 08:49:37 GMT", the one a sender must use.
+_IMF: Final = re.compile(rf"{_DAY}, (\d\d) {_MONTH} (\d{{4}}) {_TIME} GMT", re.ASCII)
+# Obsolete RFC 850, "Sunday, 06-Nov-94 08:49:37 GMT", and asctime, "Sun Nov  6 08:49:37 1994".
+_RFC850: Final = re.compile(
+    rf"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), "
+    rf"(\d\d)-{_MONTH}-(\d\d) {_TIME} GMT",
+    re.ASCII,
+)
+_ASCTIME: Final = re.compile(rf"{_DAY} {_MONTH} ([ \d]\d) {_TIME} (\d{{4}})", re.ASCII)
+
+
+def retry_after_s(value: str, now_wall: float) -> float | None:
+    """The delay a Retry-After field value asks for, in seconds from `now_wall` (time.time()):
+    its delta-seconds, or its HTTP-date less now (0.0 for a date past). None for anything else:
+    unparsable, negative, or over MAX_RETRY_AFTER_S."""
+    value = value.strip(" \t")
+    if value.isascii() and value.isdigit():
+        if len(value) > _DELTA_DIGITS:
+            return None
+        delay = float(int(value))
+    else:
+        when = _http_date(value, now_wall)
+        if when is None:
+            return None
+        delay = max(when - now_wall, 0.0)
+    return delay if delay <= MAX_RETRY_AFTER_S else None
+
+
+def _http_date(value: str, now_wall: float) -> float | None:
+    """An HTTP-date as seconds since the epoch, or None."""
+    if (m := _IMF.fullmatch(value)) is not None:
+        day, month, year, hh, mm, ss = m.groups()
+    elif (m := _ASCTIME.fullmatch(value)) is not None:
+        month, day, hh, mm, ss, year = m.groups()
+    elif (m := _RFC850.fullmatch(value)) is not None:
+        day, month, yy, hh, mm, ss = m.groups()
+        year = str(_century(int(yy), now_wall))
+    else:
+        return None
+    d, h, mi, s = int(day), int(hh), int(mm), int(ss)
+    y, mo = int(year), _MONTHS[month]
+    if not (1 <= d <= calendar.monthrange(y, mo)[1] and h < 24 and mi < 60 and s <= 60):
+        return None
+    return float(calendar.timegm((y, mo, d, h, mi, min(s, 59), 0, 0, 0)))  # 60: a leap second
+
+
+def _century(yy: int, now_wall: float) -> int:
+    """RFC 850's two-digit year (RFC 9110 5.6.7): a date more than 50 years in the future is read
+    as the most recent past year with those digits."""
+    this = time.gmtime(now_wall).tm_year
+    year = this - this % 100 + yy
+    return year - 100 if year > this + 50 else year

@@ -139,7 +139,7 @@ def _record(
 ) -> dict[str, Any]:
     usage = obs.usage
     key_id, workspace, cost = key if key is not None else (None, None, None)
-    return {
+    line = {
         "time": datetime.now(UTC),
         "request_id": request_id,
         "client": client,
@@ -161,3 +161,6 @@ def _record(
         "workspace": workspace,
         "cost": cost,
     }
+    if obs.model and obs.model != asked:  # a fallback model answered (edge/proxy/fallback.py)
+        line["asked_model"] = asked[:_MODEL_MAX]
+    return line

@@ -17,19 +17,20 @@ from edge.access.auth import Admission, Gate, Principal
 from edge.config import ServerSettings
 from edge.dialects import dialect_of
 from edge.dialects.errors import error_body
-from edge.errors import EdgeError, NotFound
+from edge.errors import EdgeError, NotFound, Unavailable
 from edge.http.heads import render
 from edge.http.server import Reply, Request
 from edge.observe.accesslog import AccessLog, KeyUse
 from edge.observe.metrics import Metrics
 from edge.observe.record import RequestRecord, Usage
+from edge.proxy.fallback import CONTEXT_LENGTH, REFUSALS, UNAVAILABLE, fallback_models, too_long
 from edge.proxy.forward import Forwarder, Upstream
 from edge.proxy.outbound import RequestIds, upstream_headers
 from edge.proxy.relay import Relayed, relay, relay_translated
-from edge.proxy.route import ProxyRequest, parse
+from edge.proxy.route import ProxyRequest, parse, retarget
 from edge.routing.attempt import OK, STREAM_ERROR
 from edge.routing.balance import Decision
-from edge.routing.fleet import FleetView
+from edge.routing.fleet import FleetView, Host
 
 JSON = "application/json"
 
@@ -134,8 +135,87 @@ class Exchange:
         adm = self.adm
         headers = upstream_headers(request, self.rid, adm.upstream if adm is not None else None)
         self.sent_at = time.monotonic()
-        up = await proxy.forwarder.open(preq, hosts, headers, decision)
+        try:
+            up = await proxy.forwarder.open(preq, hosts, headers, decision)
+        except Unavailable as failed:
+            models = self._fallbacks(preq, decision)
+            if not models:
+                raise
+            return await self._fall_back(models, preq, headers, decision, failed)
+        if up.response.status in REFUSALS:  # the happy path's one check
+            models = self._fallbacks(preq, decision)
+            if models and await self._too_long(up):
+                return await self._fall_back(models, preq, headers, decision, up)
         return up, preq, decision
+
+    def _fallbacks(self, preq: ProxyRequest, decision: Decision) -> list[str]:
+        """The models this request may move to (edge/proxy/fallback.py): none for a request
+        pinned to a server (X-Edge-Server names one server of one model)."""
+        listed = preq.doc.get("models")
+        routing = self.proxy.balancer.settings.models.get(preq.model)
+        configured = routing.fallbacks if routing is not None else ()
+        if decision.pinned or (listed is None and not configured):
+            return []
+        principal = self.principal
+        allowed = principal.models if principal is not None else ()
+        return fallback_models(preq.model, listed, configured, self.proxy.view.fleet, allowed)
+
+    async def _fall_back(
+        self, models: list[str], preq: ProxyRequest, headers: bytes, decision: Decision,
+        last: Upstream | Unavailable,
+    ) -> tuple[Upstream, ProxyRequest, Decision]:  # fmt: skip
+        """The next models in turn, after `last` (the 503 of every host of `preq.model`, or a
+        host's answer that the request is longer than the model's context): each with its own
+        hosts and routing decision; the admission, taken once, holds for all. When none
+        answers, the client gets the last failure: that context answer as the host wrote it,
+        or a 503 naming every server tried, model by model."""
+        proxy, asked = self.proxy, preq.model
+        notes: list[str] = []  # why each model left behind failed, for that 503
+        tries = 0  # attempts made on the models left behind
+        for model in models:
+            hosts = proxy.view.fleet.hosts(model)
+            moved = retarget(preq, model) if hosts else None
+            if hosts is None or moved is None:
+                continue  # no longer served (a new fleet), or not a name a path can hold
+            tries += self._leave(last, preq.model, model, notes)
+            preq, self.model = moved, model
+            decision = proxy.balancer.decide(model, hosts, moved.doc, self.request.headers)
+            try:
+                last = await proxy.forwarder.open(moved, hosts, headers, decision)
+            except Unavailable as failed:
+                last = failed
+                continue
+            if last.response.status in REFUSALS and await self._too_long(last):
+                continue
+            last.tries += tries
+            return last, preq, decision
+        if isinstance(last, Upstream):
+            last.tries += tries
+            return last, preq, decision  # the last host's context answer, unchanged
+        self.model = asked  # nobody answered: the request's own model is recorded
+        raise _exhausted(last, notes, tries)
+
+    async def _too_long(self, up: Upstream) -> bool:
+        """fallback.too_long, and `up` ended if the client leaves meanwhile (nothing else
+        holds it yet)."""
+        try:
+            return await too_long(up)
+        except BaseException:
+            self.proxy.forwarder.done(up)
+            raise
+
+    def _leave(self, last: Upstream | Unavailable, model: str, to: str, notes: list[str]) -> int:
+        """`model` is left for `to`: the metric, the note for a final 503, and the abandoned
+        answer ended (the host answered well: its attempt is a success). The attempts made."""
+        if isinstance(last, Unavailable):
+            self.proxy.metrics.fell_back(model, to, UNAVAILABLE)
+            notes.append(last.message)
+            return last.attempts
+        self.proxy.metrics.fell_back(model, to, CONTEXT_LENGTH)
+        notes.append(_too_long_note(model, last.host))
+        last.attempt.finish(OK, time.monotonic())
+        self.proxy.forwarder.done(last)
+        return last.tries
 
     def _extra(self, up: Upstream, decision: Decision) -> bytes:
         """The edge's own response headers: the request id, the serving host (when exposed),
@@ -151,6 +231,8 @@ class Exchange:
             extra += proxy.cookie[1]
         if self.adm is not None:
             extra += render(self.adm.headers.items())
+        if self.model != self.asked:  # a fallback model answered (only then: no bytes added)
+            extra += render([("X-Edge-Model", self.model)])
         return extra
 
     def _record(self, up: Upstream, preq: ProxyRequest, decision: Decision, done: Relayed) -> None:
@@ -219,3 +301,17 @@ def _unknown_model(model: str) -> NotFound:
         param="model",
         code="model_not_found",
     )
+
+
+def _too_long_note(model: str, host: Host) -> str:
+    return f"Model '{model}': {host.url} answered that the request is longer than its context."
+
+
+def _exhausted(last: Unavailable, notes: list[str], tries: int) -> Unavailable:
+    """The last model's 503, naming what happened on the models tried before it too."""
+    if not notes:
+        return last
+    failed = Unavailable("\n".join([*notes, last.message]))
+    failed.headers.update(last.headers)
+    failed.attempts = tries + last.attempts
+    return failed

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from typing import Final
 
 import aiohttp
 
@@ -28,7 +29,7 @@ from edge.http.client import (
     UpstreamPool,
     UpstreamResponse,
 )
-from edge.http.heads import render
+from edge.http.heads import render, retry_after_s
 from edge.observe.metrics import Metrics
 from edge.proxy.route import ProxyRequest
 from edge.proxy.translate import TARGET, Translation
@@ -37,6 +38,7 @@ from edge.routing.attempt import (
     HTTP_5XX,
     HTTP_429,
     MALFORMED,
+    STREAM_ERROR,
     TIMEOUT,
     Attempt,
     Attempts,
@@ -46,12 +48,17 @@ from edge.routing.fleet import Host
 from edge.routing.health import RetryBudget
 from edge.routing.plan import Plan
 from edge.routing.speaks import Speaks
+from edge.routing.stats import first_byte_deadline
+
+# Routes whose streams can be continued on another host (and so stall sooner): OpenAI's chat and
+# legacy completions, and the dialects translated to chat.
+_CONTINUABLE: Final = frozenset({"chat", "completions"})
 
 
 class Upstream:
     """An open attempt: the upstream response with its first body chunk already read."""
 
-    __slots__ = ("attempt", "response", "first", "tries", "translation")
+    __slots__ = ("attempt", "response", "first", "tries", "translation", "resume")
 
     def __init__(
         self, attempt: Attempt, response: UpstreamResponse, first: bytes,
@@ -63,6 +70,8 @@ class Upstream:
         self.tries = 1  # attempts the request made, this one included (set by `open`)
         # The host does not speak the client's dialect: the answer is OpenAI's, to translate.
         self.translation = translation
+        # A stream that can be continued on another host if it breaks (set by `open`).
+        self.resume: Resume | None = None
 
     @property
     def host(self) -> Host:
@@ -123,6 +132,33 @@ class _Foreign:
         return f"<Foreign {self.preq.dialect} translated={self._translation is not None}>"
 
 
+class Resume:
+    """What a stream needs to go on from another host when it breaks after its first byte: the
+    request as sent (OpenAI's chat or completions, translated or not), its hosts, and the
+    continuations made so far (edge/proxy/continuation.py runs them)."""
+
+    __slots__ = (
+        "forwarder", "preq", "hosts", "headers", "chat", "keep", "limit", "count", "tried",
+    )  # fmt: skip
+
+    def __init__(
+        self, forwarder: Forwarder, preq: ProxyRequest, hosts: Sequence[Host], headers: bytes,
+        chat: bool, keep: int, limit: int,
+    ) -> None:  # fmt: skip
+        self.forwarder = forwarder
+        self.preq = preq  # OpenAI's request: the translated one for a foreign dialect
+        self.hosts = hosts
+        self.headers = headers
+        self.chat = chat
+        self.keep = keep  # bytes of the relayed stream kept to continue from
+        self.limit = limit  # continuations allowed
+        self.count = 0
+        self.tried: list[Host] = []  # hosts whose stream broke, not asked again
+
+    def __repr__(self) -> str:
+        return f"<Resume {self.preq.route} {self.count}/{self.limit}>"
+
+
 class Forwarder:
     """Runs the attempts of one worker's requests: open the host the plan names, move on when it
     fails, race a hedge when the balancer asks for one."""
@@ -157,35 +193,88 @@ class Forwarder:
         hosts: Sequence[Host],
         headers: bytes,
         decision: Decision | None = None,
+        avoid: Sequence[Host] = (),
     ) -> Upstream:
         """The first attempt that opens; Unavailable when none does. The caller hands the
         result to `done` in a `finally` (a plain call: a context manager per request costs
-        more than everything this method does on the happy path)."""
+        more than everything this method does on the happy path). `avoid`: hosts not to try
+        (a continuation's: their streams broke); the first attempt is then a retry."""
         if self.settings is not self._tuned:
             self._tune()
         plan = Plan(preq.model, hosts, decision, self.balancer, self.budget)
+        if avoid:
+            plan.tried.extend(avoid)
         foreign = None
         if preq.dialect != OPENAI:
             foreign = _Foreign(preq, headers, passthrough=self.credentials is None)
-        for _ in range(self.settings.max_attempts):
+        left = self.settings.max_attempts
+        while left > 0:
             host = plan.next()
             if host is None:
                 if plan.denied:
                     self.metrics.retry_denied(preq.model)
-                break
+                    break
+                # Every host left is held for a Retry-After it sent: wait for the first free.
+                wait = plan.wait(time.monotonic(), self.settings.retry_after_wait_s)
+                if wait is None:
+                    break
+                await asyncio.sleep(wait)
+                continue
+            left -= 1
             hedge = None if decision is None else self.balancer.hedge_delay(host, hosts, decision)
             try:
                 if hedge is None:
-                    up = await self._open(host, preq, headers, foreign)
+                    up = await self._open(host, preq, headers, foreign, plan, left > 0)
                 else:
-                    up = await self._race(host, preq, headers, foreign, plan, hedge)
+                    up = await self._race(host, preq, headers, foreign, plan, hedge, left > 0)
             except UpstreamFailure as failure:
                 # A full pool sent nothing: moving on costs no retry budget.
                 plan.failed(host, failure.reason, isinstance(failure.__cause__, PoolFull))
                 continue
-            up.tries = len(plan.tried)
+            up.tries = len(plan.tried) - len(avoid)
+            # A pinned request never leaves its host (nor one of a model with one host); a
+            # continuation's own attempt (`avoid`) is resumed by the continuation that opened it.
+            if preq.stream and len(hosts) > 1 and not avoid and not (decision and decision.pinned):
+                if self.continuing(preq.model):
+                    self._resumable(up, preq, hosts, headers, foreign)
             return up
         raise plan.unavailable()
+
+    def continuing(self, model: str) -> bool:
+        """Whether `model`'s streams are continued when they break ([routing] continuation)."""
+        routing = self.balancer.settings
+        if not routing.continuation or routing.max_continuations == 0:
+            return False
+        rules = routing.models.get(model)
+        return rules is None or rules.continuation
+
+    def _resumable(
+        self, up: Upstream, preq: ProxyRequest, hosts: Sequence[Host], headers: bytes,
+        foreign: _Foreign | None,
+    ) -> None:  # fmt: skip
+        """Give a stream that can be continued (chat or completions in OpenAI's API, one choice,
+        as sent to the host) what continuing it takes."""
+        translation = up.translation
+        if translation is not None and foreign is not None:
+            # The host got OpenAI's chat request, translated: continued the same way.
+            sent = ProxyRequest(
+                OPENAI, "chat", preq.model, True, translation.body, TARGET, {}
+            )  # the doc is parsed from the body only if the stream breaks
+            headers = foreign.translated_headers()
+        elif preq.route in _CONTINUABLE and preq.dialect == OPENAI:
+            sent = preq
+        else:
+            return
+        n = preq.doc.get("n")
+        if n is not None and n != 1:
+            return
+        routing = self.balancer.settings
+        t = self._timeouts.get(preq.model) or self._timeouts[""]
+        up.response.read_timeout = t.stall_s  # silent this long, the host counts as dead
+        up.resume = Resume(
+            self, sent, hosts, headers, sent.route == "chat", routing.continuation_keep_bytes,
+            routing.max_continuations,
+        )  # fmt: skip
 
     @staticmethod
     def done(up: Upstream) -> None:
@@ -196,19 +285,19 @@ class Forwarder:
 
     async def _race(
         self, host: Host, preq: ProxyRequest, headers: bytes, foreign: _Foreign | None,
-        plan: Plan, delay: float,
+        plan: Plan, delay: float, more: bool,
     ) -> Upstream:  # fmt: skip
         """Open `host`, hedged (balance.hedge_delay: off by default): when no first byte came
         within `delay` (the host's recent p95), open a second host too: the first to send a
         byte wins and the other is cancelled at once. A failure of `host` itself is raised; a
         failed hedge only adds its reason to the primary's."""
-        racing = {asyncio.create_task(self._open(host, preq, headers, foreign)): host}
+        racing = {asyncio.create_task(self._open(host, preq, headers, foreign, plan, more)): host}
         winner: Upstream | None = None
         try:
             done, _ = await asyncio.wait(racing, timeout=delay)
             second = None if done else plan.hedge()
             if second is not None:
-                opening = self._open(second, preq, headers, foreign)
+                opening = self._open(second, preq, headers, foreign, plan, more)
                 racing[asyncio.create_task(opening)] = second
             winner = await _first_open(racing, host)
             return winner
@@ -221,10 +310,21 @@ class Forwarder:
                 task.add_done_callback(_retrieve)
 
     async def _open(
-        self, host: Host, preq: ProxyRequest, headers: bytes, foreign: _Foreign | None
-    ) -> Upstream:
-        """One attempt on `host`, up to its first body byte; UpstreamFailure when it fails."""
+        self, host: Host, preq: ProxyRequest, headers: bytes, foreign: _Foreign | None,
+        plan: Plan, more: bool,
+    ) -> Upstream:  # fmt: skip
+        """One attempt on `host`, up to its first body byte (a non-streamed body: up to its end,
+        within max_buffered_body_bytes); UpstreamFailure when it fails. `more`: the request
+        has attempts left after this one."""
         t = self._timeouts.get(preq.model) or self._timeouts[""]
+        # A first byte later than the host's recent form moves the request on while another
+        # host can take it; the last chance waits the whole first_byte_timeout_s.
+        first_byte_s = t.first_byte_s
+        if more and plan.others_left():
+            s = self.settings
+            first_byte_s = first_byte_deadline(
+                host.stats, s.first_token_factor, s.first_token_floor_s, first_byte_s
+            )
         translation: Translation | None = None
         target, body = preq.target, preq.body
         if foreign is not None and not self.speaks.native(host.url, preq.dialect):
@@ -235,7 +335,7 @@ class Forwarder:
         response: UpstreamResponse | None = None
         try:
             response = await self.pool.post(
-                host.url, target, headers + keys, body, t.first_byte_s, t.connect_s
+                host.url, target, headers + keys, body, first_byte_s, t.connect_s
             )
             if foreign is not None and translation is None and response.status in (404, 405):
                 if self.speaks.learnable(host.url):
@@ -248,7 +348,7 @@ class Forwarder:
                     keys = self._keys(OPENAI, host)
                     response = await self.pool.post(
                         host.url, TARGET, foreign.translated_headers() + keys, translation.body,
-                        t.first_byte_s, t.connect_s,
+                        first_byte_s, t.connect_s,
                     )  # fmt: skip
             if t.total_s:
                 response.set_deadline(max(0.0, t.total_s - (time.monotonic() - attempt.started)))
@@ -257,18 +357,25 @@ class Forwarder:
                 # 502/503/504 say the host is broken; 429 (busy) and 500 (maybe this request)
                 # move the request on without counting against the host.
                 outcome = HTTP_429 if status == 429 else HTTP_5XX
-                attempt.fail(outcome, time.monotonic(), blame=status in (502, 503, 504))
+                now = time.monotonic()
+                if status in (429, 503):
+                    self._hold(plan, host, response, now)
+                attempt.fail(outcome, now, blame=status in (502, 503, 504))
                 raise UpstreamFailure(f"HTTP {status}", counts=attempt.blame)
             if response.buffered:
                 first = response.take()  # the body came with the head: no wait
             else:
-                response.read_timeout = t.first_byte_s
+                response.read_timeout = first_byte_s
                 try:
                     first = await response.readany()
                 except TimedOut:
                     raise TimedOut("timed out before the first byte") from None
-            # Past the first byte, a stall is judged by the idle timeout instead.
+            # Past the first byte, a stall is judged by the idle timeout instead (a stream that
+            # can be continued elsewhere: the stall timeout, set by `_resumable`).
             response.read_timeout = t.idle_s
+            attempt.answered(time.monotonic())
+            if not preq.stream and not response.complete:
+                first = await self._whole(attempt, response, first)
         except UpstreamFailure:
             if response is not None:
                 response.close()
@@ -290,8 +397,35 @@ class Forwarder:
                 response.close()
             attempt.cancel()  # cancelled (client gone, hedge lost): no verdict
             raise
-        attempt.answered(time.monotonic())
         return Upstream(attempt, response, first, translation)
+
+    async def _whole(self, attempt: Attempt, response: UpstreamResponse, first: bytes) -> bytes:
+        """The rest of a non-streamed body, up to max_buffered_body_bytes, before anything goes
+        to the client: a host that dies mid-body fails the attempt (STREAM_ERROR, blamed) and
+        the request moves on whole. Past the bound the rest is relayed as it comes."""
+        bound = self.settings.max_buffered_body_bytes
+        parts, size = [first], len(first)
+        try:
+            while size <= bound and not response.complete:
+                piece = await response.readany()
+                if not piece:
+                    break
+                parts.append(piece)
+                size += len(piece)
+        except UpstreamError as exc:
+            attempt.finish(STREAM_ERROR, time.monotonic())
+            raise UpstreamFailure(f"the answer broke off: {exc.reason}") from None
+        return b"".join(parts) if len(parts) > 1 else first
+
+    def _hold(self, plan: Plan, host: Host, response: UpstreamResponse, now: float) -> None:
+        """A 429 or 503 with Retry-After: `host` takes no request for that long (bounded)."""
+        value = response.headers.get("Retry-After")
+        if value is None:
+            return
+        seconds = retry_after_s(value, time.time())
+        if seconds:
+            plan.hold(host, min(seconds, self.settings.retry_after_max_s), now)
+            self.metrics.held(host)
 
     def _keys(self, dialect: str, host: Host) -> bytes:
         """keys/none auth modes: `host`'s own key, in the field of the dialect sent."""
@@ -346,13 +480,14 @@ def _retrieve(task: asyncio.Task[Upstream]) -> None:
 
 
 class _Timeouts:
-    __slots__ = ("connect_s", "first_byte_s", "idle_s", "total_s")
+    __slots__ = ("connect_s", "first_byte_s", "idle_s", "stall_s", "total_s")
 
     def __init__(self, s: UpstreamSettings, m: ModelTimeouts) -> None:
         """0 in the model's settings inherits [upstream]'s."""
         self.connect_s = m.connect_timeout_s or s.connect_timeout_s
         self.first_byte_s = m.first_byte_timeout_s or s.first_byte_timeout_s
         self.idle_s = m.idle_timeout_s or s.idle_timeout_s
+        self.stall_s = m.stall_timeout_s or s.stall_timeout_s
         self.total_s = m.total_timeout_s or s.total_timeout_s
         if self.total_s:
             self.first_byte_s = min(self.first_byte_s, self.total_s)

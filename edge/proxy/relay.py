@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from time import monotonic as _now
 from typing import Final
 
 import orjson
@@ -32,8 +33,9 @@ import orjson
 from edge.dialects.errors import STREAM_FAILED, error_event
 from edge.http.chunked import unframe
 from edge.http.client import BodyPipe, Malformed, Stopped, UpstreamError, UpstreamResponse
-from edge.http.server import Request
+from edge.http.server import Connection, Request
 from edge.observe.record import Usage
+from edge.proxy.continuation import ERROR_KEY, received, resume, whole_events
 from edge.proxy.forward import Upstream
 from edge.proxy.translate import MAX_ANSWER_BYTES, Events, Translation
 
@@ -75,7 +77,8 @@ async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> R
         return Relayed(status, len(first), read_usage(first, first), "ok", now, now)
     conn.start(request, status, upstream.reason, head, upstream.content_length, first)
     first_sent_at = time.monotonic()
-    pipe = upstream.pipe(conn.write, conn.write_raw if conn.chunked else None)
+    keep = up.resume.keep if up.resume is not None and status == 200 else 0
+    pipe = upstream.pipe(conn.write, conn.write_raw if conn.chunked else None, keep, ERROR_KEY)
     # The client's flow control reaches the upstream socket through the pipe from now on; a
     # pause that came before (the head, what was buffered) is passed on here.
     conn.source = pipe
@@ -84,10 +87,23 @@ async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> R
     try:
         await pipe.ended
     except UpstreamError as exc:
-        ended_at = time.monotonic()
+        conn.source = None
         message = STOPPED if isinstance(exc, Stopped) else STREAM_FAILED
-        _broken(request, upstream, pipe, dialect, first, message)
+        got = received(first, pipe) if keep and not isinstance(exc, Stopped) else None
         sent = len(first) + pipe.body_piped
+        if got is not None:  # edge/proxy/continuation.py: on from another host
+            done = await resume(conn, up, got, conn.write)
+            if done.ok:
+                conn.end()
+                usage = read_usage(got, b"".join(done.added[-3:]))
+                return Relayed(status, sent + done.sent, usage, "ok", first_sent_at, _now())
+            if done.added:  # the client is between two whole events
+                conn.write(error_event(dialect, message))
+                conn.end()
+                return Relayed(status, sent + done.sent, None, "stream_error", first_sent_at,
+                               _now())  # fmt: skip
+        ended_at = time.monotonic()
+        _broken(request, upstream, pipe, dialect, first, message)
         return Relayed(status, sent, None, "stream_error", first_sent_at, ended_at)
     finally:
         conn.source = None
@@ -236,9 +252,11 @@ async def relay_translated(
         return Relayed(status, len(out), usage, "ok", now, now)
     events = translation.events()
     sink = _Translating(events, conn.write)
-    conn.start(request, status, upstream.reason, head, None, sink.translate(up.first))
+    first = up.first
+    conn.start(request, status, upstream.reason, head, None, sink.translate(first))
     first_sent_at = time.monotonic()
-    pipe = upstream.pipe(sink)
+    keep = up.resume.keep if up.resume is not None and status == 200 else 0
+    pipe = upstream.pipe(sink, None, keep, ERROR_KEY)
     sink.pipe = pipe
     conn.source = pipe
     if conn.paused:
@@ -248,22 +266,39 @@ async def relay_translated(
         if sink.failed:
             raise Malformed("the model server's stream could not be translated")
     except UpstreamError as exc:
-        ended_at = time.monotonic()
+        conn.source = None
         message = STOPPED if isinstance(exc, Stopped) else STREAM_FAILED
+        stopped = isinstance(exc, Stopped) or sink.failed
+        got = received(first, pipe) if keep and not stopped else None
+        if got is not None:  # edge/proxy/continuation.py: on from another host
+            # The translator holds the half event the client never saw: continued instead.
+            events.drop_partial()
+            done = await resume(conn, up, whole_events(got), sink)
+            if done.ok and not sink.failed:
+                return _translated_end(conn, events, sink, status, got, done.added, first_sent_at)
         conn.write(events.fail(message))
         conn.end()
-        return Relayed(status, sink.sent, None, "stream_error", first_sent_at, ended_at)
+        return Relayed(status, sink.sent, None, "stream_error", first_sent_at, _now())
     finally:
         conn.source = None
+    prev, last = pipe.prev, pipe.last
+    tail = [prev, last] if prev else [first, last]
+    return _translated_end(conn, events, sink, status, first, tail, first_sent_at)
+
+
+def _translated_end(
+    conn: Connection, events: Events, sink: _Translating, status: int, head: bytes,
+    tail: list[bytes], first_sent_at: float,
+) -> Relayed:  # fmt: skip
+    """A translated stream ended cleanly: the dialect's closing events, and the record."""
     ended_at = time.monotonic()
     try:
-        tail = events.end()
+        out = events.end()
     except ValueError:  # the host's last line was no OpenAI event
-        tail = events.fail(STREAM_FAILED)
-    conn.write(tail)
+        out = events.fail(STREAM_FAILED)
+    conn.write(out)
     conn.end()
-    prev, last = pipe.prev, pipe.last
-    usage = read_usage(up.first, prev + last if prev else up.first + last)
+    usage = read_usage(head, b"".join(tail[-3:]))
     return Relayed(status, sink.sent, usage, "ok", first_sent_at, ended_at)
 
 

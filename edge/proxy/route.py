@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, Final
+from urllib.parse import quote
 
 import orjson
 
@@ -81,6 +82,33 @@ async def parse(request: Request) -> ProxyRequest:
         preq.target = preq.target[len(prefix) :]
         preq.workspace = workspace
     return preq
+
+
+def retarget(preq: ProxyRequest, model: str) -> ProxyRequest | None:
+    """The same request for another model (a fallback: edge/proxy/fallback.py). OpenAI's and
+    Anthropic's dialects name the model in the body, re-serialised with the new `model` (the
+    rest of the document as it came, `models` list included: the engines ignore fields they do
+    not know); Gemini's names it in the path, rewritten (the body as it came). None when the
+    model cannot be named in a safe path."""
+    if preq.dialect != GEMINI:
+        doc = dict(preq.doc)
+        doc["model"] = model
+        found = ProxyRequest(
+            preq.dialect, preq.route, model, preq.stream, orjson.dumps(doc), preq.target, doc
+        )
+    else:
+        prefix = _GEMINI_PREFIX if preq.target.startswith(_GEMINI_PREFIX) else _GEMINI_V1_PREFIX
+        path, sep, query = preq.target.partition("?")
+        method = path.rpartition(":")[2]
+        named = quote(model, safe="/:@")
+        if not path.startswith(prefix) or not safe_path(prefix + model, named):
+            return None
+        target = f"{prefix}{named}:{method}{sep}{query}"
+        found = ProxyRequest(
+            preq.dialect, preq.route, model, preq.stream, preq.body, target, preq.doc
+        )
+    found.workspace = preq.workspace
+    return found
 
 
 def safe_path(path: str, target: str) -> bool:

@@ -8,6 +8,11 @@ request that already holds a snapshot never sees it change under it.
 
 `HostTable` keeps Host objects by URL across snapshots: a server that stays in the registry keeps
 its statistics when the fleet is rebuilt.
+
+A host can also be held (`Host.held_until`): it answered 429 or 503 with a Retry-After, so it
+takes no new request before then (edge/routing/plan.py's `Plan.hold` sets it, per worker, like
+health). Held is busy, not broken: the host stays routable for metrics and /ready and its health
+is untouched; only the picking skips it (health.candidates, health.fallback).
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ class Host:
 
     __slots__ = (
         "url", "inflight", "requests", "stats", "state", "until", "fails_in_row",
-        "level", "probe_ok", "probe_fail", "ranks", "restored_at",
+        "level", "probe_ok", "probe_fail", "ranks", "restored_at", "held_until",
     )  # fmt: skip
 
     def __init__(self, url: str) -> None:
@@ -73,10 +78,15 @@ class Host:
         self.probe_fail = 0
         self.ranks: dict[str, int] | None = None
         self.restored_at = 0.0
+        # Retry-After: no new request before this (monotonic); 0.0 when not held, which keeps
+        # the check in health.candidates' common case to one float compare. Only ever extended
+        # (Plan.hold); candidates puts an expired hold back to 0.0.
+        self.held_until = 0.0
 
     def routable_at(self, now: float) -> bool:
         """New requests may come here: up, or ejected and due for its half-open trial. The one
-        routable check: health.candidates filters the pool with it, metrics and /ready read it."""
+        routable check: health.candidates filters the pool with it, metrics and /ready read it.
+        A Retry-After hold is not part of it (busy is not down): candidates checks that apart."""
         return self.state == UP or (self.state == EJECTED and self.until <= now)
 
     def rank(self, model: str) -> int:

@@ -19,6 +19,10 @@ the table changes nothing (the counters still move):
 - From probes, active: PROBES_DOWN once `unhealthy_threshold` probes in a row failed,
   PROBES_UP once `healthy_threshold` in a row succeeded. One failed probe never ejects.
 
+A Retry-After (a 429 or 503 that says when to come back) is no event here: the host is busy,
+not broken. It is held (`Host.held_until`, edge/routing/plan.py): `candidates` and `fallback`
+skip it until then, its state and failure count stay as they are.
+
 An ejection lasts base x 2^level, capped at max; `level` counts ejections and is forgotten once
 the host has served well for max_ejection_s. A passive ejection outlives good probes (a host
 can answer /health and still fail requests): only its half-open trial brings it back.
@@ -184,14 +188,20 @@ class Health:
 
 
 def candidates(model: str, hosts: Sequence[Host], tried: Collection[Host]) -> Sequence[Host]:
-    """The hosts the balancer may pick for the next attempt: routable, not tried yet, and of the
-    best probe rank present (loaded before loadable-on-demand before a failed model probe)."""
-    if not tried and all(h.state == UP and h.ranks is None for h in hosts):
+    """The hosts the balancer may pick for the next attempt: routable, not held (Retry-After),
+    not tried yet, and of the best probe rank present (loaded before loadable-on-demand before
+    a failed model probe). An expired hold is put back to 0.0 here, so that the common case
+    comes back to its one compare per host."""
+    if not tried and all(h.state == UP and h.ranks is None and not h.held_until for h in hosts):
         return hosts  # the common case: no list is built
     now = time.monotonic()
     best = PROBE_FAILED + 1
     pool: list[Host] = []
     for host in hosts:
+        if host.held_until:
+            if host.held_until > now:
+                continue
+            host.held_until = 0.0
         if host in tried or not host.routable_at(now):
             continue
         rank = host.rank(model)
@@ -202,10 +212,14 @@ def candidates(model: str, hosts: Sequence[Host], tried: Collection[Host]) -> Se
     return pool
 
 
-def fallback(hosts: Sequence[Host], tried: Collection[Host]) -> Host | None:
+def fallback(
+    hosts: Sequence[Host], tried: Collection[Host], now: float | None = None
+) -> Host | None:
     """When no host of a model is routable: the one whose ejection ends first, as an early
-    half-open trial, so that a model whose every host is out gets tried rather than refused."""
-    spare = [h for h in hosts if h.state in _OUT and h not in tried]
+    half-open trial, so that a model whose every host is out gets tried rather than refused.
+    Never a held host: it said when it takes requests again (Plan.wait waits for that)."""
+    now = time.monotonic() if now is None else now
+    spare = [h for h in hosts if h.state in _OUT and h.held_until <= now and h not in tried]
     return min(spare, key=lambda h: h.until, default=None)
 
 
@@ -222,6 +236,8 @@ def why(host: Host, now: float | None = None) -> str:
         return f"down ({host.probe_fail} health probes failed in a row)"
     if state == REMOVED:
         return "removed from discovery"
+    if host.held_until > now:
+        return f"busy, held for {host.held_until - now:.1f} s more (Retry-After)"
     return "not tried"
 
 
@@ -231,6 +247,8 @@ def describe(host: Host, now: float | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"state": host.state, "routable": host.routable_at(now)}
     if host.state in (EJECTED, HALF_OPEN):
         out["ejected_for_s"] = round(max(host.until - now, 0.0), 3)
+    if host.held_until > now:  # busy (Retry-After), still routable: not a health state
+        out["held_for_s"] = round(host.held_until - now, 3)
     if host.fails_in_row:
         out["failures_in_row"] = host.fails_in_row
     if host.ranks is not None:
@@ -360,6 +378,11 @@ class RetryBudget:
         self._req[slot] += 1
         self._sum_req += 1
         self.requests += 1
+
+    def peek(self) -> bool:
+        """Would `withdraw` allow a retry now? Counts nothing (Plan.others_left asks)."""
+        self._advance()
+        return self._sum_ret < self.ratio * self._sum_req + self.floor
 
     def withdraw(self) -> bool:
         """May one more retry go out now? Counts it when it may."""

@@ -14,6 +14,9 @@ Theory of operation (Peak-EWMA, as linkerd2-proxy and Finagle score endpoints):
 - When read, a score drifts back toward a neutral value as it ages (`score`), so a host that was
   penalised and then left alone is tried again once the others' scores beat what is left of its
   penalty.
+- The same samples give each attempt its first-byte deadline (`first_byte_deadline`): a host
+  that takes far longer than it usually does to start answering is cut short while another
+  host could still take the request.
 - A sample only exists once an answer started, so a host that stalls would look fine for as long
   as it stalls. The attempts still waiting for a first byte are therefore tracked too: the oldest
   one's wait is a lower bound of the host's current TTFB (`waited`), and the balancer scores a
@@ -48,6 +51,12 @@ _MIN_TOKENS: Final = 4
 # Hedging needs this many recent samples before a host's p95 means anything.
 _P95_WINDOW: Final = 32
 _P95_MIN_SAMPLES = 5
+# A host with no TTFB sample yet (new, or the edge just started) gets this many floors as its
+# first-byte deadline: nothing says what is slow for it, and its first answers may pay for a cold
+# start (a model loaded on demand, an empty prefix cache) that later ones will not, so it gets
+# more than a measured host's minimum; still seconds (10 s by default), not the full
+# first_byte_timeout_s, when another host is there to take over.
+UNSAMPLED_FLOORS: Final = 2.0
 
 
 class HostStats:
@@ -163,6 +172,11 @@ class HostStats:
         keep = math.exp(-max(now - self.rate_updated, 0.0) / decay_s)
         return neutral + (self.rate_ewma - neutral) * keep
 
+    @property
+    def recent(self) -> list[float]:
+        """The last good TTFBs (answered attempts only), oldest first."""
+        return self._recent
+
     def p95(self) -> float | None:
         """The 95th percentile of recent good TTFBs, capped at 4x their median, or None before
         there are enough. The cap keeps a host that stalls now and then from hiding its stalls
@@ -187,6 +201,24 @@ class HostStats:
             f"rate={self.rate_ewma:.1f}/{self.rate_samples} "
             f"remote={self.remote_inflight} queue={self.engine_queue:g}>"
         )
+
+
+def first_byte_deadline(stats: HostStats, factor: float, floor: float, ceiling: float) -> float:
+    """How long an attempt on this host waits for its first byte before the request moves on
+    (upstream.first_token_factor, first_token_floor_s, first_byte_timeout_s): `factor` x the
+    host's recent p95 TTFB when it has enough samples, else x the slowest of its few good, kept between
+    `floor` and `ceiling`; a host never sampled gets UNSAMPLED_FLOORS x `floor`. Never above
+    `ceiling`, even when a model's ceiling is below the floor."""
+    # Good samples only: the EWMA holds failure penalties, and a host that just timed out
+    # would get factor x FAILURE_PENALTY_S (20 s) for its next first token.
+    p95 = stats.p95()
+    if p95 is not None:
+        deadline = factor * p95
+    elif stats.recent:
+        deadline = factor * max(stats.recent)
+    else:
+        deadline = UNSAMPLED_FLOORS * floor
+    return min(max(deadline, floor), ceiling)
 
 
 class _HostLike(Protocol):

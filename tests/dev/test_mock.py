@@ -16,7 +16,9 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
+from edge.dev import mock as mock_module
 from edge.dev.mock import MockOptions, add_arguments, build_app, options_from_args, serve
+from edge.dev.mockwire import held_prefix, held_suffix
 
 OPTS = MockOptions(models=("m1", "org/m2"), name="mock-a", tokens=5)
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hello there"}]}
@@ -422,6 +424,8 @@ async def test_x_mock_status_answers_scripted_error(client: TestClient[Any, Any]
         ("X-Mock-TTFT-Ms", "-5"),
         ("X-Mock-Chunk-Ms", "nan"),
         ("X-Mock-Tokens", "1.5"),
+        ("X-Mock-Context", "-1"),
+        ("X-Mock-Context", "2k"),
     ],
 )
 async def test_invalid_override_is_400(
@@ -900,6 +904,381 @@ async def test_anthropic_sdk_round_trip(client: TestClient[Any, Any]) -> None:
             await sdk.messages.create(model="zz", max_tokens=1, messages=messages)
 
 
+# --- faults a stream can meet: stall, error event, Retry-After, count -------------------------
+
+
+async def set_fault(client: TestClient[Any, Any], **fields: Any) -> Any:
+    async with client.post("/_mock/fault", json=fields) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def data_events(resp: aiohttp.ClientResponse, count: int) -> list[Any]:
+    """The next `count` SSE `data:` payloads of a stream still open, JSON-decoded."""
+    events: list[Any] = []
+    while len(events) < count:
+        line = await asyncio.wait_for(resp.content.readline(), 2)
+        assert line, f"the stream ended after {len(events)} events"
+        if line.startswith(b"data: "):
+            events.append(orjson.loads(line[6:]))
+            assert await resp.content.readline() == b"\n"  # the event's end
+    return events
+
+
+async def test_stall_after_sends_k_events_then_silence_until_the_client_leaves(
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    shown = await set_fault(client, stall_after=2)
+    assert shown["stall_after"] == 2 and shown["active"] and shown["left"] is None
+    with caplog.at_level(logging.ERROR):
+        async with client.post("/v1/chat/completions", json=CHAT | {"stream": True}) as resp:
+            assert resp.status == 200
+            role, *tokens = await data_events(resp, 3)
+            assert role["choices"][0]["delta"]["role"] == "assistant"
+            assert [t["choices"][0]["delta"]["content"] for t in tokens] == ["tok1 ", "tok2 "]
+            with pytest.raises(TimeoutError):  # open, and silent
+                await asyncio.wait_for(resp.content.readline(), 0.3)
+            assert not resp.content.at_eof()
+            resp.close()  # the client leaves; the mock's handler notices and ends
+        await asyncio.sleep(0.15)
+        await set_fault(client)
+        status, body = await post(client, "/v1/chat/completions", CHAT)
+        assert status == 200 and body["choices"][0]["message"]["content"].count("tok") == 5
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_stall_ends_in_a_cut_at_its_cap(
+    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mock_module, "STALL_CAP_S", 0.3)
+    await set_fault(client, stall_after=1)
+    started = time.monotonic()
+    async with client.post("/v1/chat/completions", json=CHAT | {"stream": True}) as resp:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    assert 0.25 < time.monotonic() - started < 2
+
+
+async def test_stall_before_the_first_token_and_not_for_whole_answers(
+    client: TestClient[Any, Any],
+) -> None:
+    await set_fault(client, stall_after=0)
+    async with client.post("/v1/messages", json=CHAT | {"stream": True}) as resp:
+        head = [await resp.content.readline() for _ in range(9)]  # 3 events, 3 lines each
+        assert [line.split(b" ")[0] for line in head[::3]] == [b"event:"] * 3
+        assert b"ping" in head[6]
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(resp.content.readline(), 0.3)
+    assert (await post(client, "/v1/messages", CHAT | {"max_tokens": 9}))[0] == 200
+
+
+VLLM_STREAM_ERROR = {
+    "error": {"message": "Internal server error", "type": "InternalServerError", "param": None,
+              "code": 500},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "text"), [
+    ("/v1/chat/completions", lambda e: e["choices"][0]["delta"]["content"]),
+    ("/v1/completions", lambda e: e["choices"][0]["text"]),
+])  # fmt: skip
+async def test_error_after_ends_an_openai_stream_as_vllm_does(
+    client: TestClient[Any, Any], path: str, text: Any
+) -> None:
+    await set_fault(client, error_after=3)
+    request = {"model": "m1", "stream": True, "stream_options": {"include_usage": True}}
+    request |= {"messages": CHAT["messages"]} if "chat" in path else {"prompt": "hi"}
+    async with client.post(path, json=request) as resp:
+        assert resp.status == 200
+        events = await sse_data(resp)  # the body ends cleanly: no payload error
+    tokens = [e for e in events[:-2] if e.get("choices") and text(e)]
+    assert [text(e) for e in tokens] == ["tok1 ", "tok2 ", "tok3 "]
+    assert events[-2:] == [VLLM_STREAM_ERROR, "[DONE]"]  # no finish_reason, no usage
+    assert all(c["finish_reason"] is None for e in events[:-2] for c in e["choices"])
+
+
+async def test_error_after_in_anthropic_and_gemini(client: TestClient[Any, Any]) -> None:
+    await set_fault(client, error_after=2)
+    async with client.post("/v1/messages", json=CHAT | {"stream": True}) as resp:
+        blocks = [b for b in (await resp.read()).decode().split("\n\n") if b]
+    names = [b.split("\n")[0].removeprefix("event: ") for b in blocks]
+    assert names == ["message_start", "content_block_start", "ping", *["content_block_delta"] * 2,
+                     "error"]  # fmt: skip
+    error = {"type": "error", "error": {"type": "api_error", "message": "Internal server error"}}
+    assert orjson.loads(blocks[-1].split("\n")[1].removeprefix("data: ")) == error
+
+    path = "/v1beta/models/m1:streamGenerateContent"
+    async with client.post(path + "?alt=sse", json=GEMINI) as resp:
+        sse = await sse_data(resp)
+    status, array = await post(client, path, GEMINI)  # the array still parses: closed after it
+    assert status == 200
+    for chunks in (sse, array):
+        texts = [c["candidates"][0]["content"]["parts"][0]["text"] for c in chunks[:-1]]
+        assert texts == ["tok1 ", "tok2 "] and "finishReason" not in chunks[-2]["candidates"][0]
+        assert chunks[-1]["error"]["code"] == 500 and chunks[-1]["error"]["status"] == "INTERNAL"
+    await set_fault(client, error_after=0)
+    status, array = await post(client, path, GEMINI)
+    assert status == 200 and [set(e) for e in array] == [{"error"}]
+
+
+async def test_retry_after_and_count_fail_the_next_request_only(make_client: Any) -> None:
+    broken, healthy = await make_client(), await make_client()
+    shown = await set_fault(broken, status=503, retry_after="7", count=1)
+    assert shown["active"] and shown["count"] == 1 and shown["left"] == 1
+    async with broken.post("/v1/chat/completions", json=CHAT) as resp:
+        assert resp.status == 503 and resp.headers["Retry-After"] == "7"
+        assert (await resp.json())["error"]["code"] == "mock_fault"
+    async with broken.get("/_mock/fault") as resp:
+        assert (await resp.json())["active"] is False
+    async with broken.post("/v1/chat/completions", json=CHAT) as resp:
+        assert resp.status == 200 and "Retry-After" not in resp.headers
+    assert (await post(healthy, "/v1/chat/completions", CHAT))[0] == 200
+
+    # A count of two, on a stream fault; the Anthropic route says Retry-After too.
+    await set_fault(broken, error_after=1, count=2)
+    for left in (1, 0):
+        async with broken.post("/v1/chat/completions", json=CHAT | {"stream": True}) as resp:
+            assert (await sse_data(resp))[-2:] == [VLLM_STREAM_ERROR, "[DONE]"]
+        async with broken.get("/_mock/fault") as resp:
+            assert (await resp.json())["active"] is (left > 0)
+    async with broken.post("/v1/chat/completions", json=CHAT | {"stream": True}) as resp:
+        assert (await sse_data(resp))[-2]["choices"][0]["finish_reason"] == "stop"
+    await set_fault(broken, status=429, retry_after="Wed, 21 Oct 2015 07:28:00 GMT")
+    for _ in range(2):  # no count: until the next POST
+        async with broken.post("/v1/messages", json=CHAT | {"max_tokens": 3}) as resp:
+            assert resp.status == 429 and resp.headers["Retry-After"].endswith("GMT")
+            assert (await resp.json())["error"]["type"] == "rate_limit_error"
+
+
+@pytest.mark.parametrize("bad", [
+    {"retry_after": "5"},  # without a status, it would never be sent
+    {"status": 503, "retry_after": "5\r\nX-Evil: 1"},
+    {"status": 503, "retry_after": 5},
+    {"count": -1},
+    {"count": 1.5},
+    {"stall_after": -2},
+    {"error_after": True},
+    {"stall_after": 1, "error_after": 2},
+    {"cut_after": 0, "stall_after": 0},
+])  # fmt: skip
+async def test_bad_new_faults_are_refused(client: TestClient[Any, Any], bad: Any) -> None:
+    await set_fault(client, ttft_ms=1)
+    async with client.post("/_mock/fault", json=bad) as resp:
+        assert resp.status == 400 and "bad fault" in (await resp.json())["error"]["message"]
+    async with client.get("/_mock/fault") as resp:
+        assert (await resp.json())["ttft_ms"] == 1  # the one in force stays
+
+
+# --- context length -------------------------------------------------------------------------
+
+
+def vllm_context_error(context: int, prompt: int, completion: int) -> dict[str, Any]:
+    message = (
+        f"This model's maximum context length is {context} tokens. However, you requested "
+        f"{completion} output tokens and your prompt contains at least {prompt} input tokens, "
+        f"for a total of at least {prompt + completion} tokens. Please reduce the length of the "
+        f"input prompt or the number of requested output tokens. "
+        f"(parameter=input_tokens, value={prompt})"
+    )
+    return {"error": {"message": message, "type": "BadRequestError", "param": "input_tokens",
+                      "code": 400}}  # fmt: skip
+
+
+async def test_context_length_is_refused_in_vllms_words(make_client: Any) -> None:
+    small = await make_client(context=10)
+    # CHAT's prompt is 3 tokens: the answer's 5 fit, 8 asked for do not.
+    assert (await post(small, "/v1/chat/completions", CHAT))[0] == 200
+    assert (await post(small, "/v1/chat/completions", CHAT | {"max_tokens": 7}))[0] == 200
+    for asked in ({"max_tokens": 8}, {"max_completion_tokens": 8, "max_tokens": 1}):
+        status, body = await post(small, "/v1/chat/completions", CHAT | asked)
+        assert (status, body) == (400, vllm_context_error(10, 3, 8))
+    status, body = await post(small, "/v1/chat/completions", CHAT, headers={"X-Mock-Tokens": "8"})
+    assert (status, body) == (400, vllm_context_error(10, 3, 8))  # no limit: the answer's length
+    request = {"model": "m1", "prompt": "one two three four", "stream": True}
+    status, body = await post(small, "/v1/completions", request, headers={"X-Mock-Context": "8"})
+    assert (status, body) == (400, vllm_context_error(8, 4, 5))
+    # The header overrides the option: 0 is unlimited.
+    headers = {"X-Mock-Context": "0"}
+    assert (await post(small, "/v1/chat/completions", CHAT | {"max_tokens": 99}, headers=headers))[
+        0
+    ] == 200
+    big = CHAT | {"max_tokens": 99}
+    assert (await post(await make_client(), "/v1/chat/completions", big))[0] == 200
+
+
+async def test_context_length_in_anthropic_and_gemini_words(client: TestClient[Any, Any]) -> None:
+    headers = {"X-Mock-Context": "6"}
+    status, body = await post(client, "/v1/messages", CHAT | {"max_tokens": 4}, headers=headers)
+    assert status == 400 and body["type"] == "error"
+    assert body["error"] == {
+        "type": "invalid_request_error",
+        "message": "input length and `max_tokens` exceed context limit: 3 + 4 > 6, decrease "
+        "input length or `max_tokens` and try again",
+    }
+    long = {"model": "m1", "max_tokens": 1, "messages": [{"role": "user", "content": "a " * 9}]}
+    status, body = await post(client, "/v1/messages", long, headers=headers)
+    assert body["error"]["message"] == "prompt is too long: 10 tokens > 6 maximum"
+    path = "/v1beta/models/m1:generateContent"
+    status, body = await post(client, path, GEMINI, headers={"X-Mock-Context": "4"})
+    assert status == 400 and body["error"]["status"] == "INVALID_ARGUMENT"
+    assert body["error"]["message"] == (
+        "The input token count (5) exceeds the maximum number of tokens allowed (4)."
+    )
+    status, body = await post(client, path, GEMINI, headers={"X-Mock-Context": "9"})
+    assert status == 400 and "plus maxOutputTokens (5)" in body["error"]["message"]
+    assert (await post(client, path, GEMINI, headers={"X-Mock-Context": "10"}))[0] == 200
+
+
+# --- continuation ---------------------------------------------------------------------------
+
+FULL = "tok1 tok2 tok3 tok4 tok5 "
+
+
+def prefill(held: int) -> str:
+    return "".join(f"tok{i} " for i in range(1, held + 1))
+
+
+def continued_chat(held: int, **extra: Any) -> dict[str, Any]:
+    assistant = {"role": "assistant", "content": prefill(held)}
+    return {"model": "m1", "messages": [*HELLO, assistant], **extra}
+
+
+@pytest.mark.parametrize("held", range(6))
+async def test_chat_continues_a_final_assistant_message(
+    client: TestClient[Any, Any], held: int
+) -> None:
+    for extra in ({}, {"continue_final_message": True, "add_generation_prompt": False}):
+        status, body = await post(client, "/v1/chat/completions", continued_chat(held, **extra))
+        assert status == 200
+        assert prefill(held) + body["choices"][0]["message"]["content"] == FULL
+        assert body["choices"][0]["finish_reason"] == "stop"
+        # The prompt counts the prefill: 2 + 1 for the user's, held + 1 for the assistant's.
+        usage = {"prompt_tokens": held + 4, "completion_tokens": 5 - held}
+        assert usage.items() <= body["usage"].items()
+    request = continued_chat(held, stream=True, stream_options={"include_usage": True})
+    async with client.post("/v1/chat/completions", json=request) as resp:
+        events = await sse_data(resp)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    pieces = [e["choices"][0]["delta"].get("content", "") for e in events[1:-2]]
+    assert prefill(held) + "".join(pieces) == FULL
+    assert events[-2]["usage"]["completion_tokens"] == 5 - held and events[-1] == "[DONE]"
+
+
+async def test_a_broken_stream_joined_with_its_continuation_is_the_whole_answer(
+    make_client: Any,
+) -> None:
+    first, second = await make_client(), await make_client(name="mock-b")
+    whole = (await post(first, "/v1/chat/completions", CHAT))[1]["choices"][0]["message"]
+    await set_fault(first, error_after=2, count=1)
+    async with first.post("/v1/chat/completions", json=CHAT | {"stream": True}) as resp:
+        events = await sse_data(resp)
+    part = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-2])
+    assert part == "tok1 tok2 "
+    request = CHAT | {"stream": True, "messages": [*HELLO, {"role": "assistant", "content": part}]}
+    async with second.post("/v1/chat/completions", json=request) as resp:
+        assert resp.headers["X-Mock-Server"] == "mock-b"
+        rest = await sse_data(resp)
+    assert rest[0]["id"] != events[0]["id"]
+    assert (
+        part + "".join(e["choices"][0]["delta"].get("content", "") for e in rest[1:-1])
+        == (whole["content"])
+    )
+
+
+async def test_continuation_within_max_tokens(client: TestClient[Any, Any]) -> None:
+    cases = [(1, 2, "tok2 tok3 ", "length"), (3, 5, "tok4 tok5 ", "stop"), (3, 2, "tok4 tok5 ",
+             "stop"), (5, 3, "", "stop"), (0, 1, "tok1 ", "length")]  # fmt: skip
+    for held, limit, text, finish in cases:
+        request = continued_chat(held, max_completion_tokens=limit)
+        _, body = await post(client, "/v1/chat/completions", request)
+        assert _chat_text(body)[1] == finish and body["choices"][0]["message"]["content"] == text
+    # Content parts, and a prefill that is not the mock's own: the answer from its start.
+    parts = [{"type": "text", "text": "tok1 "}, {"type": "text", "text": "tok2 "}]
+    request = {"model": "m1", "messages": [*HELLO, {"role": "assistant", "content": parts}]}
+    _, body = await post(client, "/v1/chat/completions", request)
+    assert body["choices"][0]["message"]["content"] == "tok3 tok4 tok5 "
+    _, body = await post(client, "/v1/chat/completions", continued_chat(0) | {
+        "messages": [*HELLO, {"role": "assistant", "content": "Sure: tok1 "}]})  # fmt: skip
+    assert body["choices"][0]["message"]["content"] == FULL
+    # A final assistant message is continued in words even where tools are offered.
+    _, body = await post(client, "/v1/chat/completions", continued_chat(4) | {"tools": TOOLS})
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "tok5 "}
+
+
+@pytest.mark.parametrize(("generation_prompt", "message"), [
+    ({"add_generation_prompt": True},
+     "Value error, Cannot set both `continue_final_message` and `add_generation_prompt` to True."),
+    ({}, "continue_final_message and add_generation_prompt are not compatible."),
+])  # fmt: skip
+async def test_continue_final_message_needs_no_generation_prompt(
+    client: TestClient[Any, Any], generation_prompt: dict[str, Any], message: str
+) -> None:
+    request = continued_chat(2, continue_final_message=True, **generation_prompt)
+    status, body = await post(client, "/v1/chat/completions", request)
+    assert status == 400 and body["error"]["message"].startswith(message)
+    kind = "Bad Request" if generation_prompt else "BadRequestError"
+    assert body["error"]["type"] == kind and body["error"]["code"] == 400
+    async with client.get("/_mock/requests") as resp:  # read and logged, then refused
+        assert (await resp.json())[-1]["body"]["continue_final_message"] is True
+
+
+@pytest.mark.parametrize("held", range(6))
+async def test_completions_continue_a_prompt_that_ends_with_the_answer(
+    client: TestClient[Any, Any], held: int
+) -> None:
+    request = {"model": "m1", "prompt": "Write it: " + prefill(held)}
+    _, body = await post(client, "/v1/completions", request)
+    assert prefill(held) + body["choices"][0]["text"] == FULL
+    assert body["usage"] == {"prompt_tokens": 2 + held, "completion_tokens": 5 - held,
+                             "total_tokens": 7}  # fmt: skip
+    async with client.post("/v1/completions", json=request | {"stream": True}) as resp:
+        events = await sse_data(resp)
+    assert prefill(held) + "".join(e["choices"][0]["text"] for e in events[:-1]) == FULL
+
+
+@pytest.mark.parametrize("prompt", ["tok1 tok3 ", "xtok1 ", "tok1 tok2", "tok2 ", "tok0 ", "tok "])
+async def test_completions_continue_only_an_exact_run(
+    client: TestClient[Any, Any], prompt: str
+) -> None:
+    _, body = await post(client, "/v1/completions", {"model": "m1", "prompt": prompt})
+    assert body["choices"][0]["text"] == FULL
+
+
+@pytest.mark.parametrize("held", [0, 2, 5])
+async def test_anthropic_and_gemini_continue_a_final_assistant_turn(
+    client: TestClient[Any, Any], held: int
+) -> None:
+    blocks = [{"type": "text", "text": prefill(held)}]
+    for content in (prefill(held), blocks):
+        assistant = {"role": "assistant", "content": content}
+        request = {"model": "m1", "max_tokens": 9, "messages": [*HELLO, assistant]}
+        _, body = await post(client, "/v1/messages", request)
+        assert prefill(held) + body["content"][0]["text"] == FULL
+        assert body["usage"] == {"input_tokens": held + 4, "output_tokens": 5 - held}
+    async with client.post("/v1/messages", json=request | {"stream": True}) as resp:
+        events = [e for e in (await resp.read()).decode().split("\n\n") if e]
+    datas = [orjson.loads(e.split("\n")[1].removeprefix("data: ")) for e in events]
+    texts = [d["delta"]["text"] for d in datas if d["type"] == "content_block_delta"]
+    assert prefill(held) + "".join(texts) == FULL
+
+    model = {"role": "model", "parts": [{"text": prefill(held)}]}
+    request = {"contents": [*GEMINI["contents"], model]}
+    _, body = await post(client, "/v1beta/models/m1:generateContent", request)
+    candidate = body["candidates"][0]
+    assert prefill(held) + candidate["content"]["parts"][0]["text"] == FULL
+    assert candidate["finishReason"] == "STOP"
+    status, body = await post(client, "/v1beta/models/m1:streamGenerateContent", request)
+    texts = [c["candidates"][0]["content"]["parts"][0]["text"] for c in body]
+    assert prefill(held) + "".join(texts) == FULL
+
+
+def test_held_tokens_are_counted_from_the_right_end() -> None:
+    assert [held_prefix(t) for t in ("", "tok1", "tok1 ", "tok1 tok2 x", "tok2 tok1 ")] == [
+        0, 0, 1, 2, 0]  # fmt: skip
+    texts = ("", "tok1 ", "a tok1 tok2 ", "tok1 tok2 tok1 ", "a\ttok1 ", "tok١ ", "tok99999 ")
+    assert [held_suffix(t) for t in texts] == [0, 1, 2, 1, 1, 0, 0]
+
+
 # --- options, CLI arguments, serve --------------------------------------------------
 
 
@@ -914,6 +1293,7 @@ def test_arguments_map_onto_options() -> None:
     assert opts.keepalive_s == 0.2
     opts = options_from_args(parser.parse_args(["--speaks", "openai, gemini"]))
     assert opts.speaks == ("openai", "gemini")
+    assert options_from_args(parser.parse_args(["--context", "4096"])).context == 4096
 
 
 @pytest.mark.parametrize(
@@ -921,6 +1301,7 @@ def test_arguments_map_onto_options() -> None:
     [
         ["--fail-rate", "1.5"],
         ["--tokens", "-1"],
+        ["--context", "-1"],
         ["--ttft-ms", "x"],
         ["--speaks", "anthropic"],
         ["--speaks", "openai,vertex"],
@@ -940,6 +1321,8 @@ def test_options_validate_themselves() -> None:
         MockOptions(fail_rate=2.0)
     with pytest.raises(ValueError):
         MockOptions(models=())
+    with pytest.raises(ValueError, match="context"):
+        MockOptions(context=-1)
 
 
 async def test_serve_prints_ready_line_and_cleans_up(capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,7 +24,16 @@ from edge.routing.fleet import (
     Host,
     HostTable,
 )
-from edge.routing.health import TABLE, Health, RetryBudget, candidates, fallback, probe_rank, why
+from edge.routing.health import (
+    TABLE,
+    Health,
+    RetryBudget,
+    candidates,
+    describe,
+    fallback,
+    probe_rank,
+    why,
+)
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -151,6 +160,45 @@ def test_candidates_rank_loaded_before_loadable_and_fallback_trials_the_soonest(
     b.state = HALF_OPEN  # its trial is in flight: never two
     assert fallback((a, b, c), [a]) is c
     assert probe_rank(200) == LOADED and probe_rank(202) == LOADABLE and probe_rank(None) == 2
+
+
+def test_a_held_host_is_skipped_by_candidates_and_fallback_but_reads_as_up():
+    a, b, c = (Host(f"http://127.0.0.1:{p}") for p in (1, 2, 3))
+    fleet = (a, b, c)
+    assert a.held_until == 0.0
+    now = time.monotonic()
+    b.held_until = now + 30.0
+    assert candidates("m", fleet, ()) == [a, c]
+    assert candidates("m", fleet, [a]) == [c]
+    # Busy, not broken: routable for metrics and /ready, health untouched, the 503 says why.
+    assert b.routable_at(now) and b.state == UP and b.fails_in_row == 0
+    shown = describe(b, now)
+    assert shown["routable"] and shown["state"] == UP and shown["held_for_s"] == 30.0
+    assert "held_for_s" not in describe(a, now)
+    assert why(b, now) == "busy, held for 30.0 s more (Retry-After)"
+    # An expired hold is forgotten, so the next request takes the common case again.
+    b.held_until = now - 1.0
+    assert candidates("m", fleet, [a]) == [b, c] and b.held_until == 0.0
+    assert candidates("m", fleet, ()) is fleet
+    # The fallback's early trial is never a held host, even the one back soonest.
+    for host, until in ((a, 1e11), (b, 1e12), (c, 1e13)):
+        host.state, host.until = EJECTED, until
+    a.held_until = now + 30.0
+    assert fallback(fleet, ()) is b
+    assert fallback(fleet, (), now + 31.0) is a  # its hold is over then
+    assert why(a, now).startswith("ejected for")  # out of rotation says more than busy
+
+
+def test_retry_budget_peek_says_what_withdraw_would_and_counts_nothing():
+    clock = Clock()
+    budget = RetryBudget(ratio=0.0, window_s=10.0, min_per_s=0.2, clock=clock)  # 2 retries
+    assert budget.peek() and budget.peek() and budget.retries == 0
+    assert budget.withdraw() and budget.peek()
+    assert budget.withdraw() and not budget.peek()
+    assert budget.denied == 0 and budget.retries == 2
+    assert not budget.withdraw() and budget.denied == 1
+    clock.now += 11.0  # the window moved on: peek sees it too
+    assert budget.peek()
 
 
 def test_retry_budget_allows_a_ratio_plus_a_floor_over_a_sliding_window():

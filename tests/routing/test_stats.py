@@ -1,5 +1,5 @@
 """A host's routing statistics: Peak-EWMA time to first byte, the failure penalty, the decode rate,
-p95 for hedging, and the in-flight counts the workers of one edge share."""
+p95 for hedging, the first-byte deadline, and the in-flight counts the workers of one edge share."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ import textwrap
 import pytest
 
 from edge.routing.fleet import Host
-from edge.routing.stats import FAILURE_PENALTY_S, HostStats, SharedLoad, sweep
+from edge.routing.stats import (
+    FAILURE_PENALTY_S,
+    UNSAMPLED_FLOORS,
+    HostStats,
+    SharedLoad,
+    first_byte_deadline,
+    sweep,
+)
 
 # --- the score ------------------------------------------------------------------------------
 
@@ -66,6 +73,42 @@ def test_p95_needs_enough_samples_and_is_capped_at_four_medians():
     for i in range(10):
         stats.record(0.05, False, 40.0 + i)
     assert stats.p95() == 0.07
+
+
+# --- the first-byte deadline ----------------------------------------------------------------
+
+
+def test_an_unsampled_host_gets_twice_the_floor_never_past_the_ceiling():
+    stats = HostStats()
+    assert UNSAMPLED_FLOORS == 2.0
+    assert first_byte_deadline(stats, 4.0, 5.0, 60.0) == 10.0  # the defaults: seconds, not 60
+    assert first_byte_deadline(stats, 4.0, 5.0, 7.0) == 7.0
+    assert first_byte_deadline(stats, 4.0, 5.0, 3.0) == 3.0  # a model's ceiling below the floor
+
+
+def test_the_deadline_is_factor_times_the_slowest_good_sample_until_a_p95_is_known():
+    stats = HostStats()
+    stats.record(0.5, False, 0.0)
+    assert first_byte_deadline(stats, 4.0, 5.0, 60.0) == 5.0  # 2 s: the floor
+    stats.record(3.0, False, 1.0)
+    assert first_byte_deadline(stats, 4.0, 5.0, 60.0) == 12.0
+    assert first_byte_deadline(stats, 4.0, 5.0, 10.0) == 10.0  # the ceiling
+    # A failure is no measure of the host's first token: its penalty (in the EWMA, for the
+    # policies) does not stretch the deadline to 4 x FAILURE_PENALTY_S.
+    stats.record(None, True, 2.0)
+    assert stats.ttfb_ewma == FAILURE_PENALTY_S
+    assert first_byte_deadline(stats, 4.0, 1.0, 60.0) == 12.0
+    failed_only = HostStats()
+    failed_only.record(None, True, 0.0)
+    assert first_byte_deadline(failed_only, 4.0, 5.0, 60.0) == 10.0  # as if unsampled
+    # Five good samples, far apart: the EWMA forgets the 3 s and the failure, the p95 does not.
+    fresh = HostStats()
+    for i, ttfb in enumerate((3.0, 1.0, 1.0, 1.0, 1.0)):
+        fresh.record(ttfb, False, 100.0 * i)
+    assert fresh.p95() == 3.0 and fresh.ttfb_ewma < 1.01
+    assert first_byte_deadline(fresh, 4.0, 1.0, 60.0) == 12.0
+    assert first_byte_deadline(fresh, 2.0, 1.0, 60.0) == 6.0
+    assert first_byte_deadline(fresh, 4.0, 20.0, 60.0) == 20.0  # the floor
 
 
 # --- shared in-flight counts ----------------------------------------------------------------
