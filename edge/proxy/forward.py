@@ -234,8 +234,10 @@ class Forwarder:
             up.tries = len(plan.tried) - len(avoid)
             # A pinned request never leaves its host (nor one of a model with one host); a
             # continuation's own attempt (`avoid`) is resumed by the continuation that opened it.
-            if preq.stream and len(hosts) > 1 and not avoid and not (decision and decision.pinned):
-                if self.continuing(preq.model):
+            if preq.stream and len(hosts) > 1 and not (decision and decision.pinned):
+                if avoid:  # a continuation's stream: a stall is a break here too
+                    up.response.read_timeout = self._stall_s(preq.model)
+                elif self.continuing(preq.model):
                     self._resumable(up, preq, hosts, headers, foreign)
             return up
         raise plan.unavailable()
@@ -269,8 +271,7 @@ class Forwarder:
         if n is not None and n != 1:
             return
         routing = self.balancer.settings
-        t = self._timeouts.get(preq.model) or self._timeouts[""]
-        up.response.read_timeout = t.stall_s  # silent this long, the host counts as dead
+        up.response.read_timeout = self._stall_s(preq.model)  # silent this long: a dead host
         up.resume = Resume(
             self, sent, hosts, headers, sent.route == "chat", routing.continuation_keep_bytes,
             routing.max_continuations,
@@ -426,6 +427,9 @@ class Forwarder:
         if seconds:
             plan.hold(host, min(seconds, self.settings.retry_after_max_s), now)
             self.metrics.held(host)
+
+    def _stall_s(self, model: str) -> float:
+        return (self._timeouts.get(model) or self._timeouts[""]).stall_s
 
     def _keys(self, dialect: str, host: Host) -> bytes:
         """keys/none auth modes: `host`'s own key, in the field of the dialect sent."""

@@ -1,15 +1,21 @@
 """Affinity: which server already holds a conversation's KV cache, decided without shared state.
 
 Two mechanisms, both stateless across workers and replicas:
-- A signed cookie naming the servers that served this client (most recent first, one per model
-  it talked to, at most `MAX_IDS`), with an expiry and an HMAC-SHA256 made with a secret every
-  replica shares. A forged, stale or garbled cookie decodes to nothing: it is ignored, never an
-  error.
-- For clients without cookies (most SDKs), a key: the session header, else the body's `user`,
-  else a hash of the conversation's prefix (system prompt and first user message, bounded), which
-  stays the same as the history grows. Keys map to servers by rendezvous (highest random weight)
-  hashing, so a server joining or leaving moves only its own share of keys, and every process
-  that sees the same host list ranks alike.
+- For every client, a key: the session header, else the body's `user`, else a hash of the
+  conversation's prefix (system prompt and first user message, bounded), which stays the same as
+  the history grows. Keys map to servers by rendezvous (highest random weight) hashing, so a
+  server joining or leaving moves only its own share of keys, and every process that sees the
+  same host list ranks alike.
+- For clients that keep cookies, a signed cookie scoped to conversations: entries of (server id,
+  conversation tag), the most recent conversation first, at most `MAX_IDS`, with an expiry and a
+  keyed BLAKE2b MAC made with a secret every replica shares. The tag is a short hash of the
+  conversation's key (the session header, else the prefix: never `user`, as one user has many
+  conversations), so an entry applies only to the conversation it was set for: a client's next
+  conversation is placed by key and policy, not sent to its first one's server, and a
+  conversation that failed over keeps its new server (its KV cache is there now) without
+  dragging the client's other conversations along. An entry is set only where the key would
+  send its conversation elsewhere than where it is (balance.py: `Balancer.served`). A forged,
+  stale, old-version or garbled cookie decodes to nothing: it is ignored, never an error.
 
 Everything here is synchronous and does no I/O; `balance.py` adds the bounded-load rule on top
 and calls `CookieIssuer` for the host that answered.
@@ -22,15 +28,22 @@ import binascii
 import hashlib
 import hmac
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final, Protocol, TypeVar
 
-MAX_IDS = 4  # servers remembered per cookie: one per model a client alternates between
-_ID_BYTES = 8
-_MAC_BYTES = 16
-_VERSION = 1
+MAX_IDS: Final = 8  # conversations remembered per cookie (entries), the most recent first
+TAG_BYTES: Final = 4  # a conversation's tag: a collision only shares a server, never data
+_ID_BYTES: Final = 8
+ENTRY_BYTES: Final = _ID_BYTES + TAG_BYTES
+_MAX_BODY: Final = MAX_IDS * ENTRY_BYTES
+_MAC_BYTES: Final = 16
+_VERSION: Final = 2  # 1 named servers per client (no tags): such cookies decode to nothing
 _HEAD = struct.Struct(">BI")  # version, expiry (Unix seconds)
-_MASK = (1 << 64) - 1
+# The longest genuine value, in unpadded base64: anything longer is not read at all.
+MAX_VALUE_CHARS: Final = -(-(_HEAD.size + _MAX_BODY + _MAC_BYTES) * 4 // 3)
+CACHE_LIMIT: Final = 4096  # signed Set-Cookie values kept for the current second
+_MASK: Final = (1 << 64) - 1
+_TAG_MASK: Final = (1 << (8 * TAG_BYTES)) - 1
 
 
 class _HasUrl(Protocol):
@@ -71,43 +84,79 @@ class HostIds:
         return f"<HostIds urls={len(self._ids)}>"
 
 
-class CookieCodec:
-    """Signs and verifies affinity cookie values: base64url(version, expiry, ids..., mac)."""
+def entry_at(entries: bytes, tag: bytes) -> int:
+    """Where the entry of the conversation `tag` starts in a cookie's entries, or -1: a search
+    in C for the tag, kept only where a tag sits (at 8 past a multiple of ENTRY_BYTES)."""
+    at = entries.find(tag, _ID_BYTES)
+    while at >= 0:
+        if (at - _ID_BYTES) % ENTRY_BYTES == 0:
+            return at - _ID_BYTES
+        at = entries.find(tag, at + 1)
+    return -1
 
-    __slots__ = ("_key", "max_age_s")
+
+def held_by(entries: bytes, tag: bytes) -> bytes | None:
+    """The server id the cookie's entries name for the conversation `tag`, if any."""
+    at = entry_at(entries, tag)
+    return entries[at : at + _ID_BYTES] if at >= 0 else None
+
+
+def split_entries(entries: bytes) -> list[tuple[bytes, bytes]]:
+    """(host id, tag) of each entry, most recent first: for tests and people, not requests."""
+    step = ENTRY_BYTES
+    return [(entries[i : i + _ID_BYTES], entries[i + _ID_BYTES : i + step])
+            for i in range(0, len(entries), step)]  # fmt: skip
+
+
+class CookieCodec:
+    """Signs and verifies affinity cookie values: base64url(version, expiry, entries, mac).
+    Entries travel as one bytes value, ENTRY_BYTES each (`host_id(url) + tag`), most recent
+    first: found with one C search, rewritten with two slices, hashed once as a cache key."""
+
+    __slots__ = ("_mac_key", "max_age_s")
 
     def __init__(self, secret: str, max_age_s: int) -> None:
-        # Derived, so that the configured secret is never used as-is for anything else.
-        self._key = hashlib.sha256(b"edge-affinity-cookie\0" + secret.encode()).digest()
+        # Derived, so that the configured secret is never used as-is for anything else; the
+        # version is in the derivation too, so no two formats ever share a MAC.
+        key = hashlib.sha256(b"edge-affinity-cookie-v2\0" + secret.encode()).digest()
+        # A keyed BLAKE2b is a MAC by design and a third of HMAC-SHA256's cost; keyed once here,
+        # copied per value.
+        self._mac_key = hashlib.blake2b(key=key, digest_size=_MAC_BYTES)
         self.max_age_s = max_age_s
 
-    def encode(self, ids: Sequence[bytes], now: float) -> str:
-        payload = _HEAD.pack(_VERSION, int(now) + self.max_age_s) + b"".join(ids[:MAX_IDS])
+    def encode(self, entries: bytes, now: float) -> str:
+        """The signed value of the first `MAX_IDS` entries, valid `max_age_s` from `now`."""
+        if not entries or len(entries) % ENTRY_BYTES:
+            raise ValueError(f"cookie entries are host_id(url) + a {TAG_BYTES}-byte tag, each")
+        payload = _HEAD.pack(_VERSION, int(now) + self.max_age_s) + entries[:_MAX_BODY]
         raw = payload + self._mac(payload)
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
-    def decode(self, value: str, now: float) -> tuple[bytes, ...]:
-        """The server ids of a genuine, unexpired cookie; () for anything else."""
-        if not 0 < len(value) <= 128:
-            return ()
+    def decode(self, value: str, now: float) -> bytes:
+        """The entries of a genuine, unexpired cookie of this version; b"" for anything else."""
+        if not 0 < len(value) <= MAX_VALUE_CHARS:
+            return b""
         try:
             raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
         except (binascii.Error, ValueError):
-            return ()
+            return b""
         body = len(raw) - _HEAD.size - _MAC_BYTES
-        if body <= 0 or body % _ID_BYTES or body // _ID_BYTES > MAX_IDS:
-            return ()
+        if body <= 0 or body % ENTRY_BYTES or body > _MAX_BODY:
+            return b""
         payload, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
-        if not hmac.compare_digest(mac, self._mac(payload)):
-            return ()
         version, expires = _HEAD.unpack_from(payload)
+        # Checked before the MAC (old and stale cookies cost no hash): an unsigned field read
+        # early can only make a cookie be ignored, never accepted.
         if version != _VERSION or expires <= now:
-            return ()
-        ids = payload[_HEAD.size :]
-        return tuple(ids[i : i + _ID_BYTES] for i in range(0, len(ids), _ID_BYTES))
+            return b""
+        if not hmac.compare_digest(mac, self._mac(payload)):  # constant time: no byte guessed
+            return b""
+        return payload[_HEAD.size :]
 
     def _mac(self, payload: bytes) -> bytes:
-        return hmac.new(self._key, payload, hashlib.sha256).digest()[:_MAC_BYTES]
+        mac = self._mac_key.copy()
+        mac.update(payload)
+        return mac.digest()
 
     def __repr__(self) -> str:
         return f"<CookieCodec max_age={self.max_age_s}s>"
@@ -115,63 +164,96 @@ class CookieCodec:
 
 def cookie_value(header: str | None, name: str) -> str | None:
     """The value of cookie `name` in a Cookie request header (the first one, as browsers order
-    the most specific path first)."""
-    if not header or name not in header:
+    the most specific path first). Searched, not split: a header holds other sites' cookies."""
+    if not header:
         return None
-    for part in header.split(";"):
-        key, sep, value = part.strip().partition("=")
-        if sep and key == name:
+    at = header.find(name)
+    while at >= 0:
+        end = at + len(name)
+        if header.startswith("=", end) and _starts_pair(header, at):
+            stop = header.find(";", end)
+            value = header[end + 1 : stop] if stop >= 0 else header[end + 1 :]
             return value.strip().strip('"')
+        at = header.find(name, at + 1)
     return None
 
 
+def _starts_pair(header: str, at: int) -> bool:
+    """Whether a name found at `at` begins a name=value pair (not a value's or a name's tail)."""
+    i = at - 1
+    while i >= 0 and header[i] in " \t":
+        i -= 1
+    return i < 0 or header[i] == ";"
+
+
 def set_cookie(name: str, value: str, max_age_s: int, secure: bool) -> str:
+    return f"{name}={value}{_attributes(max_age_s, secure)}"
+
+
+def _attributes(max_age_s: int, secure: bool) -> str:
     tail = "; Secure" if secure else ""
-    return f"{name}={value}; Max-Age={max_age_s}; Path=/; HttpOnly; SameSite=Lax{tail}"
+    return f"; Max-Age={max_age_s}; Path=/; HttpOnly; SameSite=Lax{tail}"
 
 
 class CookieIssuer:
-    """The Set-Cookie value for the host that answered: its id first, then the other ids the
-    client's cookie held (its servers of other models), signed with the codec.
+    """The Set-Cookie value for the host that answered one conversation: that conversation's
+    entry (host id + tag) first, then the other conversations' entries the client's cookie held
+    (the same conversation's older entry dropped: one server per conversation), signed.
 
-    Signing costs an HMAC per response, and within one second (the expiry's resolution) the
-    value for the same ids is the same: so values are cached for the current second only."""
+    Signing costs a MAC per response, and within one second (the expiry's resolution) the value
+    for the same entries is the same: values are cached for the current second only, at most
+    `limit` of them (a second with more distinct conversations starts the cache over)."""
 
-    __slots__ = ("codec", "name", "_ids", "_wall", "_cache", "_second")
+    __slots__ = ("codec", "name", "limit", "_ids", "_wall", "_cache", "_second", "_tails")
 
     def __init__(
-        self, codec: CookieCodec, name: str, ids: HostIds, wall: Callable[[], float]
+        self,
+        codec: CookieCodec,
+        name: str,
+        ids: HostIds,
+        wall: Callable[[], float],
+        limit: int = CACHE_LIMIT,
     ) -> None:
         self.codec = codec
         self.name = name
+        self.limit = limit
         self._ids = ids
         self._wall = wall
-        self._cache: dict[tuple[tuple[bytes, ...], bool], str] = {}
+        self._cache: dict[tuple[bytes, bool], str] = {}
         self._second = -1
+        self._tails = (_attributes(codec.max_age_s, False), _attributes(codec.max_age_s, True))
 
-    def issue(self, url: str, held: tuple[bytes, ...], secure: bool) -> str:
-        hid = self._ids.get(url)[0]
-        ids = (hid, *(i for i in held if i != hid)) if held else (hid,)
+    def issue(self, url: str, held: bytes, tag: bytes, secure: bool) -> str:
+        """The Set-Cookie value: `url`'s entry for `tag`, then the other entries `held`."""
+        entries = self._ids.get(url)[0] + tag
+        if held:
+            at = entry_at(held, tag)
+            if at >= 0:
+                held = held[:at] + held[at + ENTRY_BYTES :]
+            entries += held[: _MAX_BODY - ENTRY_BYTES]
         second = int(self._wall())
         if second != self._second:
             self._cache.clear()
             self._second = second
-        key = (ids, secure)
+        key = (entries, secure)
         cookie = self._cache.get(key)
         if cookie is None:
-            value = self.codec.encode(ids, second)
-            cookie = self._cache[key] = set_cookie(self.name, value, self.codec.max_age_s, secure)
+            if len(self._cache) >= self.limit:
+                self._cache.clear()
+            value = self.codec.encode(entries, second)
+            cookie = self._cache[key] = f"{self.name}={value}{self._tails[secure]}"
         return cookie
 
     def __repr__(self) -> str:
         return f"<CookieIssuer {self.name} cached={len(self._cache)}>"
 
 
-# --- keys for cookie-less clients -------------------------------------------------------------
+# --- keys: where a request goes, which conversation it is ------------------------------------
 
 
 def affinity_key(doc: Mapping[str, Any], session: str | None, limit: int) -> tuple[str, int] | None:
-    """(kind, 64-bit key) for a request: session header, else body `user`, else the prefix."""
+    """(kind, 64-bit key) that places a request: session header, else body `user`, else the
+    prefix."""
     if session and len(session) <= 512:
         return "session", _key(b"s\0" + session.encode())
     user = _user(doc)
@@ -181,6 +263,18 @@ def affinity_key(doc: Mapping[str, Any], session: str | None, limit: int) -> tup
     if prefix:
         return "prefix", _key(b"p\0" + prefix)
     return None
+
+
+def conversation_tag(kind: str, key: int, doc: Mapping[str, Any], limit: int) -> bytes | None:
+    """The cookie tag of a request's conversation, from its `affinity_key` (kind, key): the
+    session or prefix key cut to TAG_BYTES, free; the prefix hashed only when `user` placed it
+    (one user has many conversations). None when the request is of no conversation."""
+    if kind == "user":
+        prefix = prefix_material(doc, limit)
+        if prefix is None:
+            return None
+        key = _key(b"p\0" + prefix)
+    return (key & _TAG_MASK).to_bytes(TAG_BYTES, "big")
 
 
 def _user(doc: Mapping[str, Any]) -> str | None:

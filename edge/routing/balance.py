@@ -7,11 +7,20 @@ any. `pick` runs per attempt: the first attempt goes to that host; a retry, or a
 holds, goes by policy (policies.py) among the hosts health allows (health.candidates: the caller
 filters, this module never judges health itself) and not yet tried.
 
-Affinity sits above the policy: a host named by a valid cookie, or the rendezvous home of the
-request's key, is used while it is a candidate, not failing and within the bounded load (in
-flight below `load_factor` x the mean, as in consistent hashing with bounded loads); otherwise
-the policy decides, and the outcome reads "moved". A pin bypasses all of it, health included:
-pinning a host is how one debugs it.
+Affinity sits above the policy: the host a valid cookie names for this request's conversation
+(affinity.py: entries are scoped by a conversation tag, so a client's other conversations do not
+follow it), else the rendezvous home of the request's key, is used while it is a candidate, not
+failing and within the bounded load (in flight below `load_factor` x the mean, as in consistent
+hashing with bounded loads); otherwise the next host in rendezvous order that is, else the
+policy, and the outcome reads "moved". A request with no conversation (no session header, no
+user turn) ignores the cookie. A pin bypasses all of it, health included: pinning a host is how
+one debugs it. A model with one server skips affinity: there is nothing to choose.
+
+The cookie says only what the key cannot: a response sets the conversation's entry when it was
+served elsewhere than its key's home (a failover, a loaded or failing home, a cookie's host),
+never for a turn at home, which the key finds again. So a client's first conversation does not
+pull its others along, a failed-over one stays where its KV cache now is, and the common turn
+(cookie-less, at home) signs nothing.
 
 `Balancer` composes the parts that own the rest: `Picker` (policies.py: the policy picks),
 `HedgeBudget` (hedging.py: whether and when a hedge goes), `CookieIssuer` (affinity.py: the
@@ -34,7 +43,9 @@ from edge.routing.affinity import (
     CookieIssuer,
     HostIds,
     affinity_key,
+    conversation_tag,
     cookie_value,
+    held_by,
     ranked,
 )
 from edge.routing.fleet import Host, normalise_url
@@ -75,7 +86,9 @@ def _norm(url: str) -> str:
 class Decision:
     """What routing decided for one request before its first attempt."""
 
-    __slots__ = ("model", "policy", "rules", "target", "affinity", "key_kind", "cookie_ids")
+    __slots__ = (
+        "model", "policy", "rules", "target", "affinity", "key_kind", "tag", "cookie_ids", "doc",
+    )  # fmt: skip
 
     def __init__(self, model: str, policy: str, rules: Rules) -> None:
         self.model = model
@@ -84,7 +97,13 @@ class Decision:
         self.target: Host | None = None  # the pinned host, or the one affinity wants
         self.affinity = "none"  # one of OUTCOMES; final once `Balancer.served` ran
         self.key_kind: str | None = None  # session | user | prefix
-        self.cookie_ids: tuple[bytes, ...] = ()  # the valid ids the client's cookie held
+        self.tag: bytes | None = None  # the conversation's cookie tag (affinity.py), once known
+        # The entries (host id + tag, affinity.ENTRY_BYTES each) of the client's valid cookie;
+        # read only for a request of a conversation (else the cookie is neither used nor set).
+        self.cookie_ids = b""
+        # The body, kept only while the tag is unknown: placed by `user`, its conversation's
+        # prefix is hashed only if a cookie is read or set (affinity.conversation_tag).
+        self.doc: Mapping[str, Any] | None = None
 
     @property
     def pinned(self) -> bool:
@@ -205,42 +224,70 @@ class Balancer:
         doc: Mapping[str, Any],
         headers: Mapping[str, str],
     ) -> None:
+        if len(hosts) == 1:
+            return  # one server: every conversation's home, nothing to choose or remember
+        s = self.settings
+        found = affinity_key(doc, headers.get(s.session_header), s.prefix_bytes)
+        if found is None:
+            return  # nothing to place by, no conversation: the policy decides, no cookie
+        kind, key = found
+        decision.key_kind = kind
+        if kind == "user":
+            decision.doc = doc
+        else:
+            decision.tag = conversation_tag(kind, key, doc, s.prefix_bytes)
         now = self.clock()
         pool = candidates(decision.model, hosts, ())  # `hosts` itself while all are up
         if decision.policy == "price":
             pool = tier(pool, decision.rules.prices)
-        cookie = cookie_value(headers.get("Cookie"), self.settings.cookie_name)
-        if cookie:
-            decision.cookie_ids = self.codec.decode(cookie, self.wall())
-            held = self._held(decision.cookie_ids, hosts)
-            if held is not None:
-                decision.target = held if held in pool and self._fits(held, pool, now) else None
-                decision.affinity = "cookie_hit" if decision.target is not None else "moved"
-                return
-        if len(pool) == 1:
-            return  # one server: no key can choose another (the cookie still names it)
-        s = self.settings
-        found = affinity_key(doc, headers.get(s.session_header), s.prefix_bytes)
-        if found is None:
+        cookie = cookie_value(headers.get("Cookie"), s.cookie_name)
+        if cookie and self._by_cookie(decision, cookie, hosts, pool, now):
             return
-        decision.key_kind, key = found
+        if len(pool) == 1:
+            return  # one candidate: no key can choose another
         for rank, host in enumerate(ranked(key, pool, self.ids)):
             if self._fits(host, pool, now):
                 decision.target = host
-                decision.affinity = "key_hit" if rank == 0 else "moved"
+                if decision.affinity == "none":  # not "moved" off the cookie's host already
+                    decision.affinity = "key_hit" if rank == 0 else "moved"
                 return
         decision.affinity = "moved"
 
-    def _held(self, ids: tuple[bytes, ...], hosts: Sequence[Host]) -> Host | None:
-        """The most recent server of this model the cookie names."""
-        if not ids:
-            return None
-        by_id = {self.ids.get(h.url)[0]: h for h in hosts}
-        for hid in ids:
-            host = by_id.get(hid)
-            if host is not None:
-                return host
-        return None
+    def _by_cookie(
+        self,
+        decision: Decision,
+        cookie: str,
+        hosts: Sequence[Host],
+        pool: Sequence[Host],
+        now: float,
+    ) -> bool:
+        """The host the cookie names for this conversation, when it can take it: True when
+        decided. A host it names that cannot (down, failing, loaded) makes the outcome "moved",
+        and the key places the request as it would any other."""
+        tag = self._tag(decision)
+        if tag is None:
+            return False
+        decision.cookie_ids = entries = self.codec.decode(cookie, self.wall())
+        hid = held_by(entries, tag) if entries else None
+        if hid is None:
+            return False  # a new conversation (or one on another model): key and policy
+        for host in hosts:
+            if self.ids.get(host.url)[0] == hid:
+                if host in pool and self._fits(host, pool, now):
+                    decision.target = host
+                    decision.affinity = "cookie_hit"
+                    return True
+                decision.affinity = "moved"
+                return False
+        return False
+
+    def _tag(self, decision: Decision) -> bytes | None:
+        """The conversation's tag; hashed from the prefix on first use when `user` placed it."""
+        doc = decision.doc
+        if decision.tag is None and doc is not None:
+            decision.doc = None
+            decision.tag = conversation_tag("user", 0, doc, self.settings.prefix_bytes)
+        return decision.tag
 
     def _fits(self, host: Host, pool: Sequence[Host], now: float) -> bool:
         """Bounded load: below ceil(c x (total + 1) / n) in flight, and neither failing nor
@@ -315,13 +362,19 @@ class Balancer:
 
     def served(self, decision: Decision, host: Host, secure: bool) -> str | None:
         """Settle the affinity outcome for the host that answered; the Set-Cookie value for
-        the response, or None (pinned requests and models without affinity set none)."""
+        the response, or None: a turn at its key's home (the key finds it again), a pin, a
+        model without affinity or with one server, a request of no conversation. Else the
+        conversation's entry names `host` (after a failover, where its KV cache is now), the
+        cookie's other conversations kept behind it."""
         if decision.target is not None and host is not decision.target and not decision.pinned:
             decision.affinity = "moved"
         self.outcomes[decision.affinity] += 1
-        if decision.pinned or not decision.rules.affinity:
+        if decision.key_kind is None or decision.affinity == "key_hit":
+            return None  # key_kind: None for a pin, no affinity, one server, no key
+        tag = self._tag(decision)
+        if tag is None:
             return None
-        return self.cookies.issue(host.url, decision.cookie_ids, secure)
+        return self.cookies.issue(host.url, decision.cookie_ids, tag, secure)
 
     def __repr__(self) -> str:
         outcomes = " ".join(f"{k}={v}" for k, v in self.outcomes.items())

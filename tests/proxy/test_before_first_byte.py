@@ -16,7 +16,7 @@ from tests.conftest import EdgeUnderTest
 
 MockStarter = Callable[..., Awaitable[str]]
 EdgeStarter = Callable[..., Awaitable[EdgeUnderTest]]
-HI = [{"role": "user", "content": "hi"}]
+HI: Any = [{"role": "user", "content": "hi"}]
 
 
 def _prices(urls: list[str]) -> dict[str, Any]:

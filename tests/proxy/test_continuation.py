@@ -199,7 +199,7 @@ async def test_tool_call_streams_are_not_continued(
 ) -> None:
     edge, (first, second) = await _fleet(start_mock, start_edge)
     await _fault(first, cut_after=1)
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    tools: Any = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     async with _client(edge) as client:
         stream = await client.chat.completions.create(
             model="m", messages=[{"role": "user", "content": "hi"}], stream=True, tools=tools

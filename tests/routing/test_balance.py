@@ -12,8 +12,9 @@ import pytest
 
 from edge.config import from_mapping
 from edge.errors import BadRequest
+from edge.routing.affinity import host_id, split_entries
 from edge.routing.balance import Balancer
-from edge.routing.fleet import EJECTED, LOADABLE, Host
+from edge.routing.fleet import EJECTED, LOADABLE, UP, Host
 from edge.routing.health import candidates
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
@@ -201,54 +202,180 @@ def test_pin_to_anything_else_is_refused(pin):
 # --- affinity -------------------------------------------------------------------------------
 
 
-def cookie_of(set_cookie: str) -> str:
+def cookie_of(set_cookie: str | None) -> str:
+    assert set_cookie is not None
     return set_cookie.split(";", 1)[0]
 
 
-def test_cookie_holds_its_host_and_the_key_decides_without_one():
+def chat(text: str, **extra: object) -> dict[str, object]:
+    return {"model": "m", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def away(hosts, host):
+    return next(h for h in hosts if h is not host)
+
+
+def entries_of(balancer, set_cookie: str | None) -> list[tuple[bytes, bytes]]:
+    """(host id, tag) of each entry of an issued cookie, most recent first."""
+    value = cookie_of(set_cookie).split("=", 1)[1]
+    return split_entries(balancer.codec.decode(value, balancer.wall()))
+
+
+def conversations(balancer, hosts, home, n=1, but=None):
+    """`n` chat bodies whose rendezvous home is `home` (or, with `but`, anything else)."""
+    found = []
+    for i in range(500):
+        doc = chat(f"conversation {i}")
+        target = decide(balancer, hosts, doc).target
+        if (target is home) if but is None else (target is not but):
+            found.append(doc)
+            if len(found) == n:
+                return found
+    raise AssertionError("no such conversation")
+
+
+def test_a_turn_at_home_sets_no_cookie_and_a_moved_one_names_its_host():
     balancer, hosts, _ = make(3)
     first = decide(balancer, hosts, CHAT)
-    assert first.affinity == "key_hit" and first.key_kind == "prefix"
+    assert first.affinity == "key_hit" and first.key_kind == "prefix" and first.tag
     home = balancer.pick(hosts, (), first)
-    cookie = balancer.served(first, home, secure=False)
-    assert cookie is not None and "HttpOnly" in cookie
-    other = next(h for h in hosts if h is not home)
-    again = decide(
-        balancer, hosts, {"model": "m"}, Cookie=cookie_of(balancer.served(first, other, False))
-    )
+    assert balancer.served(first, home, secure=False) is None  # the key finds it again
+    retried = decide(balancer, hosts, CHAT)
+    other = away(hosts, home)
+    cookie = balancer.served(retried, other, secure=False)  # a retry answered elsewhere
+    assert retried.affinity == "moved" and "HttpOnly" in cookie
+    assert entries_of(balancer, cookie) == [(host_id(other.url), retried.tag)]
+    again = decide(balancer, hosts, CHAT, Cookie=cookie_of(cookie))
     assert again.affinity == "cookie_hit" and again.target is other
+    assert entries_of(balancer, balancer.served(again, other, False)) == entries_of(
+        balancer, cookie
+    )  # refreshed as it was
 
 
-def test_cookie_for_another_models_server_falls_back_to_the_key():
+def test_another_conversation_is_placed_by_its_key_not_by_the_cookie():
     balancer, hosts, _ = make(3)
-    elsewhere = Host("http://10.9.9.9:8000")
-    d = decide(balancer, (elsewhere,), CHAT)
-    cookie = cookie_of(balancer.served(d, elsewhere, False))
+    one, two = conversations(balancer, hosts, hosts[0], n=2)
+    d = decide(balancer, hosts, one)
+    cookie = balancer.served(d, hosts[1], False)  # the first conversation failed over
+    d = decide(balancer, hosts, two, Cookie=cookie_of(cookie))
+    assert d.affinity == "key_hit" and d.target is hosts[0] and d.cookie_ids
+    assert balancer.served(d, hosts[0], False) is None  # at home: the cookie stays as it is
+    d = decide(balancer, hosts, two, Cookie=cookie_of(cookie))
+    both = entries_of(balancer, balancer.served(d, hosts[2], False))  # this one moved too
+    assert [h for h, _ in both] == [host_id(hosts[2].url), host_id(hosts[1].url)]
+    assert both[0][1] != both[1][1]  # two conversations, two entries, the newest first
+
+
+def test_a_failed_over_conversation_stays_and_new_ones_go_home_once_it_is_back():
+    balancer, hosts, clock = make(2, decay_s=1.0)
+    home, fallback = hosts
+    failed, new = conversations(balancer, hosts, home, n=2)
+    d = decide(balancer, hosts, failed)
+    home.stats.record(None, True, clock.now)  # its first attempt failed: a retry answered
+    cookie = cookie_of(balancer.served(d, fallback, False))
+    assert decide(balancer, hosts, new, Cookie=cookie).target is fallback  # home is failing
+    clock.now += 5  # home has recovered
+    d = decide(balancer, hosts, failed, Cookie=cookie)
+    assert d.affinity == "cookie_hit" and d.target is fallback  # its KV cache is there now
+    d = decide(balancer, hosts, new, Cookie=cookie)
+    assert d.affinity == "key_hit" and d.target is home
+
+
+def test_the_one_candidate_left_of_several_is_remembered():
+    balancer, hosts, _ = make(2)
+    (doc,) = conversations(balancer, hosts, hosts[0])
+    hosts[0].state, hosts[0].until = EJECTED, time.monotonic() + 600
+    d = decide(balancer, hosts, doc)
+    assert d.target is None and d.key_kind == "prefix"  # the policy picks the one left
+    cookie = cookie_of(balancer.served(d, hosts[1], False))
+    hosts[0].state, hosts[0].until = UP, 0.0
+    assert decide(balancer, hosts, doc, Cookie=cookie).target is hosts[1]
+
+
+def test_one_conversation_has_one_entry_whichever_model_set_it():
+    balancer, hosts, _ = make(3)
+    others = (Host("http://10.9.9.1:8000"), Host("http://10.9.9.2:8000"))
+    d = balancer.decide("other", others, CHAT, {})
+    cookie = cookie_of(balancer.served(d, away(others, d.target), False))
     d = decide(balancer, hosts, CHAT, Cookie=cookie)
-    assert d.affinity == "key_hit" and d.cookie_ids  # the other model's id is kept in the cookie
-    both = balancer.codec.decode(cookie_of(balancer.served(d, d.target, False)).split("=")[1], 0)
-    assert len(both) == 2
+    assert d.affinity == "key_hit" and d.cookie_ids  # names no server of "m": the key decides
+    moved = entries_of(balancer, balancer.served(d, away(hosts, d.target), False))
+    assert len(moved) == 1 and moved[0][0] == host_id(away(hosts, d.target).url)
+
+
+def test_the_session_header_is_the_conversation():
+    balancer, hosts, _ = make(3)
+    session = {"X-Session-ID": "s-1"}
+    d = decide(balancer, hosts, chat("a"), **session)
+    assert d.key_kind == "session"
+    cookie = cookie_of(balancer.served(d, away(hosts, d.target), False))
+    d = decide(balancer, hosts, chat("b"), Cookie=cookie, **session)  # same session, new turn
+    assert d.affinity == "cookie_hit"
+    assert decide(balancer, hosts, chat("b"), Cookie=cookie).affinity != "cookie_hit"
+
+
+def test_a_users_conversations_share_a_home_but_not_a_cookie_entry():
+    balancer, hosts, _ = make(3)
+    one, two = chat("first", user="u-1"), chat("second", user="u-1")
+    d = decide(balancer, hosts, one)
+    home = d.target
+    assert d.key_kind == "user" and d.tag is None  # its prefix is hashed only if needed
+    assert balancer.served(d, home, False) is None and d.tag is None
+    d = decide(balancer, hosts, one)
+    cookie = cookie_of(balancer.served(d, away(hosts, home), False))
+    assert d.tag is not None
+    d = decide(balancer, hosts, two, Cookie=cookie)
+    assert d.affinity == "key_hit" and d.target is home
+    d = decide(balancer, hosts, one, Cookie=cookie)
+    assert d.affinity == "cookie_hit" and d.target is away(hosts, home)
+
+
+def test_a_request_of_no_conversation_ignores_the_cookie_and_sets_none():
+    balancer, hosts, _ = make(3)
+    d = decide(balancer, hosts, CHAT)
+    cookie = cookie_of(balancer.served(d, away(hosts, d.target), False))
+    for doc in ({"model": "m"}, {"model": "m", "input": "embed me"}):
+        d = decide(balancer, hosts, doc, Cookie=cookie)
+        assert d.affinity == "none" and d.target is None and d.cookie_ids == b""
+        assert balancer.served(d, hosts[0], False) is None
+    d = decide(balancer, hosts, {"model": "m", "input": "x", "user": "u"}, Cookie=cookie)
+    assert d.key_kind == "user" and d.cookie_ids == b""  # placed by user, of no conversation
+    assert balancer.served(d, away(hosts, d.target), False) is None
+
+
+def test_a_model_with_one_server_does_no_affinity_work():
+    balancer, hosts, _ = make(3)
+    d = decide(balancer, hosts, CHAT)
+    cookie = cookie_of(balancer.served(d, away(hosts, d.target), False))
+    d = decide(balancer, hosts[:1], CHAT, Cookie=cookie)
+    assert d.key_kind is None and d.affinity == "none" and d.cookie_ids == b""
+    assert balancer.served(d, hosts[0], False) is None
 
 
 def test_forged_cookie_is_ignored():
     balancer, hosts, _ = make(3)
     forged = "edge_affinity=" + "A" * 40
-    d = decide(balancer, hosts, {"model": "m"}, Cookie=forged)
-    assert d.affinity == "none" and d.cookie_ids == ()
+    d = decide(balancer, hosts, CHAT, Cookie=forged)
+    assert d.affinity == "key_hit" and d.cookie_ids == b""
 
 
-def test_bounded_load_moves_an_overloaded_home():
+def test_bounded_load_moves_an_overloaded_home_and_then_the_cookies_host():
     balancer, hosts, _ = make(3, load_factor=1.5)
-    d = decide(balancer, hosts, CHAT)
-    home = d.target
+    home = decide(balancer, hosts, CHAT).target
     home.inflight = 4  # cap = ceil(1.5 x 5 / 3) = 3
     moved = decide(balancer, hosts, CHAT)
-    assert moved.affinity == "moved" and moved.target is not home
-    cookie = cookie_of(balancer.served(d, home, False))
-    by_cookie = decide(balancer, hosts, CHAT, Cookie=cookie)
-    assert by_cookie.affinity == "moved" and by_cookie.target is None  # the policy decides
+    assert moved.affinity == "moved" and moved.target not in (home, None)
+    held = moved.target
+    cookie = cookie_of(balancer.served(moved, held, False))
     home.inflight = 0
-    assert decide(balancer, hosts, CHAT, Cookie=cookie).affinity == "cookie_hit"
+    assert decide(balancer, hosts, CHAT, Cookie=cookie).affinity == "cookie_hit"  # held stays
+    held.inflight = 4
+    by_key = decide(balancer, hosts, CHAT, Cookie=cookie)
+    assert by_key.affinity == "moved" and by_key.target is home  # the key decides again
+    cookie = cookie_of(balancer.served(by_key, home, False))  # moved home: named home now
+    held.inflight = 0
+    d = decide(balancer, hosts, CHAT, Cookie=cookie)
+    assert d.affinity == "cookie_hit" and d.target is home
 
 
 def test_a_failing_home_is_left_and_a_served_elsewhere_outcome_reads_moved():
@@ -275,11 +402,11 @@ def test_reload_keeps_a_drawn_secret_and_takes_a_configured_one(monkeypatch):
     monkeypatch.delenv("EDGE_AFFINITY_SECRET", raising=False)
     balancer, hosts, _ = make(3)
     d = decide(balancer, hosts, CHAT)
-    cookie = cookie_of(balancer.served(d, hosts[1], False))
+    cookie = cookie_of(balancer.served(d, away(hosts, d.target), False))
     balancer.reconfigure(from_mapping({}).routing)  # a reload draws another secret: ignored
     assert decide(balancer, hosts, CHAT, Cookie=cookie).affinity == "cookie_hit"
     balancer.reconfigure(from_mapping({}, routing__cookie_secret="configured-secret-1234").routing)
-    assert decide(balancer, hosts, CHAT, Cookie=cookie).cookie_ids == ()
+    assert decide(balancer, hosts, CHAT, Cookie=cookie).cookie_ids == b""
 
 
 # --- hedging --------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import time
-from collections import Counter
 from typing import Any
 
 import aiohttp
@@ -16,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from edge.dev.mock import MockOptions, build_app
-from edge.routing.affinity import CookieCodec, host_id
+from edge.routing.affinity import CookieCodec, affinity_key, conversation_tag, host_id
 from tests.procs import free_port
 
 CHAT = "/v1/chat/completions"
@@ -84,77 +83,98 @@ def served_by(resp: aiohttp.ClientResponse, doc: dict[str, Any]) -> str:
 # --- cookies --------------------------------------------------------------------------------
 
 
-async def test_cookie_jar_client_holds_its_server_moves_once_when_it_dies_then_sticks(
+async def test_cookie_jar_client_conversation_moves_once_when_its_server_dies_then_sticks(
     mocks, start_edge
 ):
     fleet = await mocks("A", "B", "C")
     edge = await start_edge({"m": [m.url for m in fleet]})
-    by_name = {m.name: m for m in fleet}
     jar = aiohttp.CookieJar(unsafe=True)  # the edge is an IP address
     async with aiohttp.ClientSession(cookie_jar=jar) as client:
+        history: list[dict[str, str]] = []
         seen = []
-        for turn in range(50):
-            # A different first message every turn: only the cookie can keep the server.
-            resp, doc = await ask(client, edge, chat(f"question {turn}"))
-            assert resp.status == 200
+        for turn in range(5):  # one conversation: at its home, by key; no cookie to set
+            resp, doc = await ask(client, edge, chat("one conversation", history))
+            assert resp.status == 200 and "Set-Cookie" not in resp.headers
             seen.append(served_by(resp, doc))
-        assert len(set(seen)) == 1, Counter(seen)
-        first = by_name[seen[0]]
-        assert edge.balancer.outcomes["cookie_hit"] >= 49
-        await first.server.close()
+            history += [
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": f"{turn}"},
+            ]
+        assert len(set(seen)) == 1, seen
+        home = next(m for m in fleet if m.name == seen[0])
+        await home.server.close()
         after = []
-        for turn in range(20):
-            resp, doc = await ask(client, edge, chat(f"after {turn}"))
-            assert resp.status == 200
+        for turn in range(10):  # moved once; the cookie holds the conversation where it went
+            resp, doc = await ask(client, edge, chat("one conversation", history))
+            assert resp.status == 200 and "edge_affinity=" in resp.headers["Set-Cookie"]
             after.append(served_by(resp, doc))
-    assert first.name not in after and len(set(after)) == 1, after
-    assert edge.balancer.outcomes["moved"] == 1
+            history += [
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": f"{turn}"},
+            ]
+    assert home.name not in after and len(set(after)) == 1, after
+    assert edge.balancer.outcomes["cookie_hit"] == 9 and edge.balancer.outcomes["moved"] == 1
     assert all(h.inflight == 0 for h in edge.view.fleet.models["m"])
 
 
 async def test_cookie_attributes_and_no_cookie_when_affinity_is_off(mocks, start_edge):
-    (a,) = await mocks("A")
-    edge = await start_edge({"m": [a.url]}, routing__cookie_max_age_s=120)
+    fleet = await mocks("A", "B")
+    await fleet[0].server.close()  # conversations whose home is A are answered by B: moved
+
+    async def moved(client: aiohttp.ClientSession, edge: Any, **headers: str) -> Any:
+        for i in range(40):  # about half the conversations have their home on A
+            resp, _ = await ask(client, edge, chat(f"hi {i}"), **headers)
+            assert resp.status == 200 and resp.headers["X-Edge-Server"] == fleet[1].url
+            if "Set-Cookie" in resp.headers:
+                return resp
+        raise AssertionError("no conversation moved")
+
+    edge = await start_edge({"m": [m.url for m in fleet]}, routing__cookie_max_age_s=120)
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client:
-        resp, _ = await ask(client, edge, chat("hi"))
-        cookie = resp.headers["Set-Cookie"]
+        cookie = (await moved(client, edge)).headers["Set-Cookie"]
         assert cookie.startswith("edge_affinity=")
         for part in ("Max-Age=120", "Path=/", "HttpOnly", "SameSite=Lax"):
             assert part in cookie
         assert "Secure" not in cookie  # plain HTTP here
-        assert resp.headers["X-Edge-Server"] == a.url
         # Behind a TLS terminator the client spoke https: the cookie must not travel over http.
-        resp, _ = await ask(client, edge, chat("hi"), **{"X-Forwarded-Proto": "https"})
+        resp = await moved(client, edge, **{"X-Forwarded-Proto": "https"})
         assert resp.headers["Set-Cookie"].endswith("; Secure")
-    off = await start_edge({"m": [a.url]}, routing__models={"m": {"affinity": False}})
+    off = await start_edge(
+        {"m": [m.url for m in fleet]}, routing__models={"m": {"affinity": False}}
+    )
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client:
-        resp, _ = await ask(client, off, chat("hi"))
-        assert "Set-Cookie" not in resp.headers
+        for i in range(10):
+            resp, _ = await ask(client, off, chat(f"hi {i}"))
+            assert resp.status == 200 and "Set-Cookie" not in resp.headers
 
 
 async def test_forged_or_foreign_cookies_are_ignored(mocks, start_edge):
     fleet = await mocks("A", "B", "C")
     edge = await start_edge({"m": [m.url for m in fleet]})
     target = fleet[2]
-    genuine = CookieCodec(edge.config.routing.cookie_secret, 600).encode(
-        (host_id(target.url),), time.time()
-    )
-    forged = CookieCodec("not-the-edge-secret-at-all", 600).encode(
-        (host_id(target.url),), time.time()
-    )
+    secret, limit = edge.config.routing.cookie_secret, edge.config.routing.prefix_bytes
+
+    def cookie(secret: str, session: str) -> str:
+        _, key = affinity_key(chat("x"), session, limit)  # type: ignore[misc]
+        entry = host_id(target.url) + conversation_tag("session", key, chat("x"), limit)  # type: ignore[operator]
+        return CookieCodec(secret, 600).encode(entry, time.time())
+
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client:
         homes, with_forged, with_genuine, with_garbage = [], [], [], []
         for i in range(8):
             session = {"X-Session-ID": f"session-{i}"}
             homes.append(served_by(*await ask(client, edge, chat("x"), **session)))
-            cookie = {"Cookie": f"edge_affinity={forged}", **session}
-            resp, doc = await ask(client, edge, chat("x"), **cookie)
+            forged = {
+                "Cookie": f"edge_affinity={cookie('not-the-edge-secret-at-all', f'session-{i}')}",
+                **session,
+            }
+            resp, doc = await ask(client, edge, chat("x"), **forged)
             with_forged.append(served_by(resp, doc))
-            assert resp.status == 200 and "edge_affinity=" in resp.headers["Set-Cookie"]
-            cookie = {"Cookie": f"edge_affinity={genuine}", **session}
-            with_genuine.append(served_by(*await ask(client, edge, chat("x"), **cookie)))
-            cookie = {"Cookie": "edge_affinity=%%%garbage; other=1", **session}
-            with_garbage.append(served_by(*await ask(client, edge, chat("x"), **cookie)))
+            assert resp.status == 200 and "Set-Cookie" not in resp.headers  # at home: none set
+            genuine = {"Cookie": f"edge_affinity={cookie(secret, f'session-{i}')}", **session}
+            with_genuine.append(served_by(*await ask(client, edge, chat("x"), **genuine)))
+            garbage = {"Cookie": "edge_affinity=%%%garbage; other=1", **session}
+            with_garbage.append(served_by(*await ask(client, edge, chat("x"), **garbage)))
     assert with_forged == homes == with_garbage  # as if there were no cookie
     assert with_genuine == ["C"] * 8
     assert set(homes) != {"C"}  # so the comparison above means something
