@@ -89,6 +89,10 @@ class TimedOut(UpstreamError):
     outcome: ClassVar[str] = "timeout"
 
 
+class FirstByteLate(TimedOut):
+    """No first byte (head or body) within the attempt's first-byte deadline."""
+
+
 class Malformed(UpstreamError):
     outcome: ClassVar[str] = "malformed"
 
@@ -939,7 +943,7 @@ def _head_block(raw: bytes) -> bytes:
 
 def _expire(conn: _Conn, waiter: asyncio.Future[UpstreamResponse]) -> None:
     if not waiter.done():
-        waiter.set_exception(TimedOut("timed out before the first byte"))
+        waiter.set_exception(FirstByteLate("timed out before the first byte"))
         conn.abort()
 
 

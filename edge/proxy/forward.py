@@ -23,6 +23,7 @@ from edge.config import ModelTimeouts, UpstreamSettings
 from edge.dialects import OPENAI
 from edge.errors import UpstreamFailure
 from edge.http.client import (
+    FirstByteLate,
     PoolFull,
     TimedOut,
     UpstreamError,
@@ -370,7 +371,7 @@ class Forwarder:
                 try:
                     first = await response.readany()
                 except TimedOut:
-                    raise TimedOut("timed out before the first byte") from None
+                    raise FirstByteLate("timed out before the first byte") from None
             # Past the first byte, a stall is judged by the idle timeout instead (a stream that
             # can be continued elsewhere: the stall timeout, set by `_resumable`).
             response.read_timeout = t.idle_s
@@ -385,6 +386,12 @@ class Forwarder:
             if response is not None:
                 response.close()
             outcome, reason, blame = _outcome(exc)
+            if isinstance(exc, FirstByteLate) and first_byte_s < t.first_byte_s:
+                # Slower than its own recent form, not broken: a long prompt's prefill may be
+                # just that. The request moves on; the host's score takes the penalty, its
+                # health nothing.
+                blame = False
+                reason = f"no first byte within {first_byte_s:.1f} s (its recent form); moved on"
             attempt.fail(outcome, time.monotonic(), blame)
             failed = UpstreamFailure(reason, counts=blame)
             if isinstance(exc, PoolFull):
