@@ -404,11 +404,15 @@ def validate(config: Config) -> None:
         (u.idle_timeout_s > 0, "upstream.idle_timeout_s must be > 0"),
         (1 <= u.max_attempts <= 10, "upstream.max_attempts must be 1..10"),
         (u.stall_timeout_s > 0, "upstream.stall_timeout_s must be > 0"),
-        (u.first_token_factor >= 1 and u.first_token_floor_s > 0,
-         "upstream.first_token_factor must be >= 1 and first_token_floor_s > 0"),
+        (
+            u.first_token_factor >= 1 and u.first_token_floor_s > 0,
+            "upstream.first_token_factor must be >= 1 and first_token_floor_s > 0",
+        ),
         (u.max_buffered_body_bytes >= 0, "upstream.max_buffered_body_bytes must be >= 0"),
-        (u.retry_after_max_s >= 0 and u.retry_after_wait_s >= 0,
-         "upstream.retry_after_max_s and retry_after_wait_s must be >= 0"),
+        (
+            u.retry_after_max_s >= 0 and u.retry_after_wait_s >= 0,
+            "upstream.retry_after_max_s and retry_after_wait_s must be >= 0",
+        ),
         (u.max_connections_per_server >= 1, "upstream.max_connections_per_server must be >= 1"),
         (d.refresh_s > 0, "discovery.refresh_s must be > 0"),
     ]

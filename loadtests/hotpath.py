@@ -1,7 +1,7 @@
 """The edge's own Python CPU per proxied request, with the sockets taken out.
 
     .venv/bin/python loadtests/hotpath.py [--requests 20000] [--rounds 5] [--stream]
-        [--dialect anthropic|gemini [--translate]] [--no-continuation]
+        [--dialect anthropic|gemini [--translate]] [--spare [--no-continuation]]
 
 A whole worker (edge/app.py's Worker, default config, one model on one server) answers requests
 fed straight into its client-side protocol; its pooled upstream connection has a transport
@@ -14,7 +14,8 @@ request (or per relayed chunk with --stream, 50 chunks a request). With --dialec
 speaks Anthropic's or Gemini's API; with --translate its server speaks only OpenAI's, so each
 relayed event is translated (edge/proxy/translate.py) instead of passed through. A streamed
 request can be continued on another host if its stream breaks (routing.continuation, on by
-default: the relayed pieces are kept, bounded); --no-continuation measures the relay without.
+default, for a model with two servers or more: --spare adds one) keeps the relayed pieces, bounded;
+--no-continuation measures the relay without.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from edge.http.client import _Conn, _Origin  # noqa: E402
 from edge.http.server import Connection  # noqa: E402
 
 UPSTREAM = "http://127.0.0.1:9"
+SPARE = "http://127.0.0.1:10"
 REQUEST = (
     b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n"
     b"Content-Type: application/json\r\nContent-Length: 66\r\n\r\n"
@@ -106,10 +108,16 @@ class _Transport:
 
 async def run(
     requests: int, rounds: int, stream: bool, dialect: str = "openai", translate: bool = False,
-    continuation: bool = True,
+    continuation: bool = True, spare: bool = False,
 ) -> list[float]:  # fmt: skip
     raw: dict[str, Any] = {"models": {"m": {"servers": [UPSTREAM]}}, "health": {"enabled": False}}
     raw["routing"] = {"continuation": continuation}
+    if spare:
+        # A second server the price policy never picks: a stream of a model with two servers
+        # can be continued, so its pieces are kept (one server: nowhere to continue, nothing kept).
+        raw["models"]["m"]["servers"].append(SPARE)
+        prices = {UPSTREAM: {"input": 0.1}, SPARE: {"input": 1.0}}
+        raw["routing"]["models"] = {"m": {"policy": "price", "prices": prices}}
     if translate:
         raw["dialects"] = {UPSTREAM: ["openai"]}  # the answer is translated, event by event
     config = from_mapping(raw)
@@ -184,11 +192,20 @@ def main() -> None:
         "--no-continuation", action="store_true",
         help="routing.continuation off: a broken stream is not continued, nothing is kept",
     )  # fmt: skip
+    parser.add_argument(
+        "--spare", action="store_true",
+        help="a second server the price policy never picks (a stream can then be continued)",
+    )  # fmt: skip
     args = parser.parse_args()
     per = uvloop.run(
         run(
-            args.requests, args.rounds, args.stream, args.dialect, args.translate,
+            args.requests,
+            args.rounds,
+            args.stream,
+            args.dialect,
+            args.translate,
             not args.no_continuation,
+            args.spare,
         )  # fmt: skip
     )
     unit = "relayed chunk" if args.stream else "request"

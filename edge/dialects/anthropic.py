@@ -18,6 +18,8 @@ one `tool_use` block whose `arguments` fragments pass on as `input_json_delta`s,
 finish reason and the usage come last and apart (usage in its own chunk, `include_usage`), so
 `message_delta` waits for `[DONE]` or the clean end. Explicit state: NEW (nothing sent), OPEN
 (message_start sent), CLOSED (message_stop or error sent; everything after is b"").
+`Stream.resumed` starts OPEN, a text block open: the client's own stream, begun by a host that
+speaks Anthropic's API and broken, goes on from an OpenAI host (edge/proxy/native.py).
 
 Messages raised to clients name a place (`messages[2].content[0]`) and never repeat the prompt.
 """
@@ -419,7 +421,7 @@ class Stream:
 
     __slots__ = (
         "model", "max_line", "_parts", "_held", "_state", "_open", "_blocks", "_tools",
-        "_last_tool", "_finish", "_matched", "_input", "_output",
+        "_last_tool", "_finish", "_matched", "_input", "_output", "_given",
     )  # fmt: skip
 
     def __init__(self, model: str, max_line: int = MAX_LINE) -> None:
@@ -436,6 +438,31 @@ class Stream:
         self._matched: Any = None
         self._input = 0
         self._output = 0
+        self._given = False  # input tokens given (a resumed stream), not read from the usage
+
+    @classmethod
+    def resumed(
+        cls,
+        model: str,
+        block: int,
+        input_tokens: int,
+        output_tokens: int = 0,
+        max_line: int = MAX_LINE,
+    ) -> Stream:
+        """A translator that goes on with a stream the client holds the start of (a native
+        Anthropic stream broken mid-answer, continued from an OpenAI host: edge/proxy/native.py):
+        message_start sent, text block `block` open (-1: no block begun yet). Its chunks (no
+        role delta: the splice drops it) become deltas of that block, then content_block_stop,
+        message_delta and message_stop, as the first host would have ended it. The
+        message_delta's input_tokens are `input_tokens` (what message_start said), its
+        output_tokens the OpenAI usage's completion_tokens (the splice counts the client's
+        tokens in), else `output_tokens`."""
+        stream = cls(model, max_line)
+        stream._state = _OPEN
+        if block >= 0:
+            stream._open, stream._blocks = _TEXT, block + 1
+        stream._input, stream._output, stream._given = input_tokens, output_tokens, True
+        return stream
 
     def __repr__(self) -> str:
         return f"<anthropic.Stream state={self._state} blocks={self._blocks} held={self._held}>"
@@ -524,7 +551,7 @@ class Stream:
 
     def _count(self, usage: dict[str, Any]) -> None:
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if type(prompt) is int:
+        if type(prompt) is int and not self._given:
             self._input = prompt
         if type(completion) is int:
             self._output = completion

@@ -483,10 +483,11 @@ class Stream:
     begun and not finished; `_done` once `[DONE]` came (the answer is whole: later lines are
     ignored); `_closed` once end() or fail() returned the stream's close. A clean end with
     neither [DONE] nor every choice finished is an answer cut short: it ends as a failure.
+    `resumed` starts with candidate 0 open and an element sent: a continued stream.
     """
 
     __slots__ = ("_model", "_sse", "_max_line", "_rest", "_held", "_calls", "_call_chars",
-                 "_open", "_finished", "_sent", "_done", "_closed")  # fmt: skip
+                 "_open", "_finished", "_sent", "_done", "_closed", "_ids")  # fmt: skip
 
     def __init__(self, model: str, sse: bool, max_line: int = MAX_LINE) -> None:
         self._model = model
@@ -501,6 +502,22 @@ class Stream:
         self._sent = False  # an element went out (the JSON array's "[" with it)
         self._done = False
         self._closed = False
+        self._ids = True  # elements carry the chunk's id as responseId
+
+    @classmethod
+    def resumed(
+        cls, model: str, response_id: str, sse: bool = True, max_line: int = MAX_LINE
+    ) -> Stream:
+        """A translator that goes on with a stream the client holds the start of (a native
+        Gemini stream broken mid-answer, continued from an OpenAI host: edge/proxy/native.py):
+        candidate 0 begun, not finished; elements already sent. `model` is the modelVersion the
+        client saw; `response_id` its responseId ("" where it got none: the elements then carry
+        none either; else the splice gives every chunk that id)."""
+        stream = cls(model, sse, max_line)
+        stream._open.add(0)
+        stream._sent = True
+        stream._ids = bool(response_id)
+        return stream
 
     def __repr__(self) -> str:
         calls = sum(len(c) for c in self._calls.values())
@@ -653,7 +670,7 @@ class Stream:
     def _element(self, candidates: list[dict[str, Any]] | None, chunk_id: Any) -> dict[str, Any]:
         element: dict[str, Any] = {} if candidates is None else {"candidates": candidates}
         element["modelVersion"] = self._model
-        if isinstance(chunk_id, str):
+        if isinstance(chunk_id, str) and self._ids:
             element["responseId"] = chunk_id
         return element
 

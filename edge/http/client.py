@@ -219,14 +219,14 @@ class UpstreamResponse:
         chunk a read ends inside waits for the rest: edge/http/chunked.py), up to its last chunk
         (the pipe's `raw` tells which happened); what was buffered before goes to `sink`.
 
-        `keep` > 0: the pieces handed on are kept (`BodyPipe.kept`) up to that many bytes, for
+        `keep` > 0: the bytes handed on are kept (`BodyPipe.kept`) up to that many, for
         a stream that may be continued elsewhere if it breaks (edge/proxy/continuation.py);
         past the bound nothing is kept. While pieces are kept, one that holds `refuse` (an
         error event's key) is not handed on: the body fails there (Malformed), so that the
         stream can be continued instead of ending with the server's error."""
         pipe = self.piping = BodyPipe(self, sink)
         if keep > 0:
-            pipe.kept = []
+            pipe.kept = bytearray()
             pipe.keep_left = keep
             pipe.refuse = refuse
         if self._buf:
@@ -349,9 +349,11 @@ class BodyPipe:
         self.last = self.prev = b""  # the last two pieces piped, where a stream's usage is
         self.timeout = response.read_timeout  # the longest gap while reading
         self.fed_at = 0.0  # when the server last sent bytes (the idle clock)
-        # The pieces handed on, while they fit in `keep_left` bytes (None: not kept, or past
-        # the bound); the first `plain` of them came before the framing went raw.
-        self.kept: list[bytes] | None = None
+        # The bytes handed on, while they fit in `keep_left` (None: not kept, or past the
+        # bound); the first `plain` of them came before the framing went raw. Copied into one
+        # buffer: holding each piece instead kept every one alive (50 objects a stream), and
+        # cost more in the allocator than the copy does.
+        self.kept: bytearray | None = None
         self.keep_left = 0
         self.plain = 0
         self.refuse = b""
@@ -374,7 +376,7 @@ class BodyPipe:
                 return
             self.keep_left -= len(data)
             if self.keep_left >= 0:
-                kept.append(data)
+                kept += data
             else:
                 self.kept = None  # too long to continue: the memory goes at once
         self.fed_at = _now()

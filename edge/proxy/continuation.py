@@ -2,8 +2,9 @@
 host, and the client sees one stream.
 
 Theory of operation: while a continuable stream is relayed (OpenAI's chat or legacy completions,
-one choice, as sent to the host: translated Anthropic and Gemini requests included), the pieces
-the client got are kept, bounded (`BodyPipe.kept`); nothing is parsed. When the stream breaks
+one choice, as sent to the host: translated Anthropic and Gemini requests included; Anthropic's
+and Gemini's own streams from hosts that speak them, edge/proxy/native.py), the bytes the client
+got are copied into one buffer, bounded (`BodyPipe.kept`); nothing is parsed. When it breaks
 (the connection reset or closed early, bad framing, a stall past upstream.stall_timeout_s, or an
 error event, which the pipe holds back instead of relaying), `resume` parses what the client has
 (edge/proxy/splice.py: `broken`), sends the request to another routable host with that text
@@ -21,6 +22,7 @@ the client's hands, a stream longer than the kept bound) ends as it did before c
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -40,6 +42,8 @@ from edge.routing.attempt import OK, STREAM_ERROR
 # stream can still be continued (BodyPipe.refuse). JSON-escaped text never holds it: a quote in
 # a string is escaped.
 ERROR_KEY: Final = b'"error":'
+# Anthropic's: every error event is named so (llama.cpp's carries no "error" key).
+ERROR_EVENT: Final = b"event: error"
 _DONE: Final = b"data: [DONE]\n\n"
 
 
@@ -64,11 +68,11 @@ def received(first: bytes, pipe: BodyPipe) -> bytes | None:
     if kept is None:
         return None
     if not pipe.raw:
-        return first + b"".join(kept)
-    body = dechunk(b"".join(kept[pipe.plain :]))
+        return first + kept
+    body = dechunk(bytes(kept[pipe.plain :]))
     if body is None:
         return None
-    return first + b"".join(kept[: pipe.plain]) + body
+    return first + kept[: pipe.plain] + body
 
 
 def dechunk(data: bytes) -> bytes | None:
@@ -104,32 +108,32 @@ def whole_events(data: bytes) -> bytes:
 
 
 async def resume(
-    conn: Connection, up: Upstream, got: bytes, emit: Callable[[bytes], None]
+    conn: Connection, up: Upstream, had: Broken | None, emit: Callable[[bytes], None], kept: int
 ) -> Resumed:
-    """Continue `up`'s broken stream (the client has `got` of it, OpenAI's SSE) on other hosts.
-    What the continuations send goes through `emit` (to the client, or to its translator).
-    `up` is left holding the last attempt (the exchange records and closes it)."""
+    """Continue `up`'s broken stream (`had`: what the client has of it, read back; None: it
+    cannot be continued) on other hosts. What the continuations send (OpenAI's SSE, spliced)
+    goes through `emit`: to the client, or to the translator of its dialect. `kept`: the bytes
+    held of the stream so far (the continuations' count against routing.continuation_keep_bytes
+    too). `up` is left holding the last attempt (the exchange records and closes it)."""
     plan = up.resume
     result = Resumed()
     if plan is None:
         return result
-    forwarder, sent = plan.forwarder, plan.preq
-    metrics, model = forwarder.metrics, sent.model
-    kept = len(got)
+    forwarder = plan.forwarder
+    metrics, model = forwarder.metrics, plan.preq.model
     while True:
         up.attempt.finish(STREAM_ERROR, time.monotonic())
         up.response.close()
         plan.tried.append(up.host)
-        had = broken(got, plan.chat)
-        if had is None or plan.count >= plan.limit:
-            metrics.continued(model, "refused" if had is None else "failed")
+        sent = plan.sent()
+        if had is None or sent is None or plan.count >= plan.limit:
+            metrics.continued(model, "refused" if had is None or sent is None else "failed")
             return result
         doc = _doc(sent)
         body = continuation_body(doc, had, plan.chat) if doc is not None else None
         if body is None:
             if doc is not None and _limit_met(doc, had):
-                tail = closing(had, plan.chat, "length", _include_usage(doc))
-                _emit(result, emit, tail)
+                _emit(result, emit, closing(had, plan.chat, "length", _include_usage(doc)))
                 result.ok = True
                 metrics.continued(model, OK)
             else:
@@ -153,17 +157,30 @@ async def resume(
         metrics.continued(model, OK)
         splice = Splice(had, plan.chat)
         before = len(result.added)
-        whole = await _splice(conn, nxt.response, nxt.first, splice, result, emit)
-        if whole:
+        if await _splice(conn, nxt.response, nxt.first, splice, result, emit):
             result.ok = True
             return result
         added = b"".join(result.added[before:])
         kept += len(added)
         if kept > plan.keep:
-            metrics.continued(model, "refused")
-            up.attempt.finish(STREAM_ERROR, time.monotonic())
-            return result
-        got += added
+            had = None  # too long to continue again
+        elif added:
+            had = extended(had, added, plan.chat)
+
+
+def extended(had: Broken, added: bytes, chat: bool) -> Broken | None:
+    """`had` with what a continuation added since (whole events, spliced: the same id); None
+    when the whole can no longer be continued."""
+    more = broken(added, chat)
+    if more is None:
+        return None
+    return dataclasses.replace(
+        had,
+        text=had.text + more.text,
+        tokens=had.tokens + more.tokens,
+        finish_reason=more.finish_reason,
+        usage=more.usage or had.usage,
+    )
 
 
 async def _splice(
@@ -259,4 +276,7 @@ def _include_usage(doc: dict[str, Any]) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-__all__ = ["ERROR_KEY", "Resumed", "dechunk", "received", "resume", "whole_events"]
+__all__ = [
+    "ERROR_EVENT", "ERROR_KEY", "Resumed", "dechunk", "extended", "received", "resume",
+    "whole_events",
+]  # fmt: skip

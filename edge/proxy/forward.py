@@ -20,8 +20,8 @@ from typing import Final
 import aiohttp
 
 from edge.config import ModelTimeouts, UpstreamSettings
-from edge.dialects import OPENAI
-from edge.errors import UpstreamFailure
+from edge.dialects import GEMINI, OPENAI
+from edge.errors import EdgeError, UpstreamFailure
 from edge.http.client import (
     FirstByteLate,
     PoolFull,
@@ -54,6 +54,12 @@ from edge.routing.stats import first_byte_deadline
 # Routes whose streams can be continued on another host (and so stall sooner): OpenAI's chat and
 # legacy completions, and the dialects translated to chat.
 _CONTINUABLE: Final = frozenset({"chat", "completions"})
+_NATIVE: Final = frozenset({"messages", "gemini"})  # Anthropic's and Gemini's, from native hosts
+
+
+def _sse(preq: ProxyRequest) -> bool:
+    """Anthropic's streams are SSE; Gemini's only with ?alt=sse (else one JSON array)."""
+    return preq.dialect != GEMINI or "alt=sse" in preq.target.partition("?")[2]
 
 
 class Upstream:
@@ -135,19 +141,23 @@ class _Foreign:
 
 class Resume:
     """What a stream needs to go on from another host when it breaks after its first byte: the
-    request as sent (OpenAI's chat or completions, translated or not), its hosts, and the
-    continuations made so far (edge/proxy/continuation.py runs them)."""
+    request in OpenAI's API (chat or completions, translated or not), its hosts, and the
+    continuations made so far (edge/proxy/continuation.py runs them). A stream in Anthropic's or
+    Gemini's API from a host that speaks it natively is continued through OpenAI's API too: its
+    translation is made only when it breaks (`sent`)."""
 
     __slots__ = (
         "forwarder", "preq", "hosts", "headers", "chat", "keep", "limit", "count", "tried",
+        "foreign",
     )  # fmt: skip
 
     def __init__(
         self, forwarder: Forwarder, preq: ProxyRequest, hosts: Sequence[Host], headers: bytes,
-        chat: bool, keep: int, limit: int,
+        chat: bool, keep: int, limit: int, foreign: _Foreign | None = None,
     ) -> None:  # fmt: skip
         self.forwarder = forwarder
-        self.preq = preq  # OpenAI's request: the translated one for a foreign dialect
+        # OpenAI's request as sent; a native stream's: the client's, until `sent` translates it.
+        self.preq = preq
         self.hosts = hosts
         self.headers = headers
         self.chat = chat
@@ -155,6 +165,22 @@ class Resume:
         self.limit = limit  # continuations allowed
         self.count = 0
         self.tried: list[Host] = []  # hosts whose stream broke, not asked again
+        self.foreign = foreign  # set for a native stream only
+
+    def sent(self) -> ProxyRequest | None:
+        """The request the continuations go from, in OpenAI's API; None: not translatable."""
+        foreign = self.foreign
+        if foreign is None:
+            return self.preq
+        try:
+            translation = foreign.translation()
+        except EdgeError:
+            return None
+        model, body = self.preq.model, translation.body
+        self.preq = ProxyRequest(OPENAI, "chat", model, True, body, TARGET, {})
+        self.headers = foreign.translated_headers()
+        self.foreign = None
+        return self.preq
 
     def __repr__(self) -> str:
         return f"<Resume {self.preq.route} {self.count}/{self.limit}>"
@@ -258,14 +284,17 @@ class Forwarder:
         """Give a stream that can be continued (chat or completions in OpenAI's API, one choice,
         as sent to the host) what continuing it takes."""
         translation = up.translation
+        native: _Foreign | None = None
         if translation is not None and foreign is not None:
             # The host got OpenAI's chat request, translated: continued the same way.
             sent = ProxyRequest(
                 OPENAI, "chat", preq.model, True, translation.body, TARGET, {}
             )  # the doc is parsed from the body only if the stream breaks
             headers = foreign.translated_headers()
-        elif preq.route in _CONTINUABLE and preq.dialect == OPENAI:
+        elif preq.dialect == OPENAI and preq.route in _CONTINUABLE:
             sent = preq
+        elif foreign is not None and preq.route in _NATIVE and _sse(preq):
+            sent, native = preq, foreign  # a native stream: translated only if it breaks
         else:
             return
         n = preq.doc.get("n")
@@ -274,8 +303,8 @@ class Forwarder:
         routing = self.balancer.settings
         up.response.read_timeout = self._stall_s(preq.model)  # silent this long: a dead host
         up.resume = Resume(
-            self, sent, hosts, headers, sent.route == "chat", routing.continuation_keep_bytes,
-            routing.max_continuations,
+            self, sent, hosts, headers, sent.route != "completions",
+            routing.continuation_keep_bytes, routing.max_continuations, native,
         )  # fmt: skip
 
     @staticmethod

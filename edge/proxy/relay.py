@@ -30,13 +30,23 @@ from typing import Final
 
 import orjson
 
+from edge.dialects import ANTHROPIC
 from edge.dialects.errors import STREAM_FAILED, error_event
 from edge.http.chunked import unframe
 from edge.http.client import BodyPipe, Malformed, Stopped, UpstreamError, UpstreamResponse
 from edge.http.server import Connection, Request
 from edge.observe.record import Usage
-from edge.proxy.continuation import ERROR_KEY, received, resume, whole_events
+from edge.proxy.continuation import (
+    ERROR_EVENT,
+    ERROR_KEY,
+    Resumed,
+    received,
+    resume,
+    whole_events,
+)
 from edge.proxy.forward import Upstream
+from edge.proxy.native import broken_anthropic, broken_gemini
+from edge.proxy.splice import broken
 from edge.proxy.translate import MAX_ANSWER_BYTES, Events, Translation
 
 _PROMPT_KEYS: Final = ("prompt_tokens", "input_tokens", "promptTokenCount")
@@ -78,7 +88,8 @@ async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> R
     conn.start(request, status, upstream.reason, head, upstream.content_length, first)
     first_sent_at = time.monotonic()
     keep = up.resume.keep if up.resume is not None and status == 200 else 0
-    pipe = upstream.pipe(conn.write, conn.write_raw if conn.chunked else None, keep, ERROR_KEY)
+    refuse = ERROR_EVENT if dialect == ANTHROPIC else ERROR_KEY
+    pipe = upstream.pipe(conn.write, conn.write_raw if conn.chunked else None, keep, refuse)
     # The client's flow control reaches the upstream socket through the pipe from now on; a
     # pause that came before (the head, what was buffered) is passed on here.
     conn.source = pipe
@@ -92,16 +103,11 @@ async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> R
         got = received(first, pipe) if keep and not isinstance(exc, Stopped) else None
         sent = len(first) + pipe.body_piped
         if got is not None:  # edge/proxy/continuation.py: on from another host
-            done = await resume(conn, up, got, conn.write)
-            if done.ok:
-                conn.end()
-                usage = read_usage(got, b"".join(done.added[-3:]))
-                return Relayed(status, sent + done.sent, usage, "ok", first_sent_at, _now())
-            if done.added:  # the client is between two whole events
-                conn.write(error_event(dialect, message))
-                conn.end()
-                return Relayed(status, sent + done.sent, None, "stream_error", first_sent_at,
-                               _now())  # fmt: skip
+            done = await _resumed(conn, up, dialect, got, message)
+            if done is not None:
+                usage = read_usage(got, b"".join(done.added[-3:])) if done.ok else None
+                outcome = "ok" if done.ok else "stream_error"
+                return Relayed(status, sent + done.sent, usage, outcome, first_sent_at, _now())
         ended_at = time.monotonic()
         _broken(request, upstream, pipe, dialect, first, message)
         return Relayed(status, sent, None, "stream_error", first_sent_at, ended_at)
@@ -113,6 +119,38 @@ async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> R
     tail = prev + last if prev else first + last
     usage = read_usage(first, unframe(tail) if pipe.raw else tail)
     return Relayed(status, len(first) + pipe.body_piped, usage, "ok", first_sent_at, ended_at)
+
+
+async def _resumed(
+    conn: Connection, up: Upstream, dialect: str, got: bytes, message: str
+) -> Resumed | None:
+    """A stream that broke, continued from another host (edge/proxy/continuation.py), and the
+    client's stream ended: whole, or with the error event. None: the client holds half an event,
+    nothing was done (the caller ends the stream as it can)."""
+    plan = up.resume
+    if plan is None:
+        return None
+    if plan.foreign is None:  # OpenAI's stream, passed through
+        had = broken(got, plan.chat)
+        done = await resume(conn, up, had, conn.write, len(got))
+        if done.ok:
+            conn.end()
+        elif had is not None:  # the client is between two whole events
+            conn.write(error_event(dialect, message))
+            conn.end()
+        else:
+            return None
+        return done
+    # Anthropic's or Gemini's own stream: the continuation, from OpenAI's API, goes through the
+    # dialect's translator, resumed where the client's stream stands.
+    native = broken_anthropic(got) if dialect == ANTHROPIC else broken_gemini(got)
+    if native is None:
+        return None
+    events = native.events(plan.preq.model)
+    done = await resume(conn, up, native.had, lambda data: conn.write(events.feed(data)), len(got))
+    conn.write(events.end() if done.ok else events.fail(message))
+    conn.end()
+    return done
 
 
 def _broken(
@@ -273,7 +311,7 @@ async def relay_translated(
         if got is not None:  # edge/proxy/continuation.py: on from another host
             # The translator holds the half event the client never saw: continued instead.
             events.drop_partial()
-            done = await resume(conn, up, whole_events(got), sink)
+            done = await resume(conn, up, broken(whole_events(got), True), sink, len(got))
             if done.ok and not sink.failed:
                 return _translated_end(conn, events, sink, status, got, done.added, first_sent_at)
         conn.write(events.fail(message))

@@ -206,8 +206,9 @@ class HostStats:
 def first_byte_deadline(stats: HostStats, factor: float, floor: float, ceiling: float) -> float:
     """How long an attempt on this host waits for its first byte before the request moves on
     (upstream.first_token_factor, first_token_floor_s, first_byte_timeout_s): `factor` x the
-    host's recent p95 TTFB when it has enough samples, else x the slowest of its few good, kept between
-    `floor` and `ceiling`; a host never sampled gets UNSAMPLED_FLOORS x `floor`. Never above
+    host's recent p95 TTFB when it has enough samples, else x the slowest of its few good ones,
+    kept between `floor` and `ceiling`; a host never sampled gets UNSAMPLED_FLOORS x `floor`
+    (failures are no samples). Never above
     `ceiling`, even when a model's ceiling is below the floor."""
     # Good samples only: the EWMA holds failure penalties, and a host that just timed out
     # would get factor x FAILURE_PENALTY_S (20 s) for its next first token.

@@ -812,3 +812,66 @@ def test_the_sdk_raises_on_the_error_ending():
             model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
         ) as stream:
             stream.get_final_message()
+
+
+# A resumed stream: the client's own stream, begun by a host that speaks Anthropic's API, goes on
+# from an OpenAI host (edge/proxy/native.py)
+
+BEGUN = sse(chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}), done=False)
+REST = [  # the next host's stream, as the splice passes it on: no role, the usage billed whole
+    chunk({"content": "lo "}),
+    chunk({"content": "✓"}),
+    chunk({}, "stop"),
+    {"id": "chatcmpl-9", "choices": [], "usage": {"prompt_tokens": 99, "completion_tokens": 4}},
+]
+
+
+def test_a_resumed_stream_writes_the_open_blocks_deltas_then_the_messages_end():
+    first = tr.Stream("claude-ish").feed(BEGUN)  # what the client got before the break
+    out = tr.Stream.resumed("claude-ish", 0, 11).feed(sse(*REST))
+    kinds = [(kind, doc.get("index")) for kind, doc in events(out)]
+    assert kinds == [
+        ("content_block_delta", 0), ("content_block_delta", 0), ("content_block_stop", 0),
+        ("message_delta", None), ("message_stop", None),
+    ]  # fmt: skip
+    said = check(first + out)
+    assert said["blocks"] == [["text", "Hello ✓"]] and not said["error"]
+    # The input tokens as message_start said them; the output as the (billed) usage says.
+    assert said["delta"]["usage"] == {"input_tokens": 11, "output_tokens": 4}
+    final = accumulate(first + out)
+    assert final.content[0].text == "Hello ✓" and len(final.content) == 1
+    assert final.id == "msg_chatcmpl-9" and final.stop_reason == "end_turn"
+
+
+def test_a_resumed_stream_before_any_block_opens_the_first():
+    first = tr.Stream("m").feed(sse(chunk({"role": "assistant", "content": ""}), done=False))
+    assert [kind for kind, _ in events(first)] == ["message_start"]
+    out = tr.Stream.resumed("m", -1, 3, output_tokens=2).feed(sse(*REST[:3]))
+    said = check(first + out)
+    assert said["blocks"] == [["text", "lo ✓"]]
+    # No usage came: the output tokens are the client's, as given.
+    assert said["delta"]["usage"] == {"input_tokens": 3, "output_tokens": 2}
+
+
+def test_a_resumed_stream_goes_on_at_its_block_and_a_tool_call_takes_the_next():
+    stream = tr.Stream.resumed("m", 2, 0)
+    body = sse(
+        chunk({"content": "x"}), chunk({"tool_calls": [call(0, "{}", "call_z", "f")]}),
+        chunk({}, "tool_calls"),
+    )  # fmt: skip
+    found = [(kind, doc.get("index")) for kind, doc in events(stream.feed(body))]
+    assert found[:4] == [
+        ("content_block_delta", 2), ("content_block_stop", 2), ("content_block_start", 3),
+        ("content_block_delta", 3),
+    ]  # fmt: skip
+    assert found[4:] == [("content_block_stop", 3), ("message_delta", None), ("message_stop", None)]
+
+
+def test_a_resumed_stream_cut_again_ends_with_the_error_event_once():
+    stream = tr.Stream.resumed("m", 0, 1)
+    out = stream.feed(sse(chunk({"content": "more"}), done=False))
+    end = stream.end()  # a clean end with no finish: cut short, not whole
+    assert [kind for kind, _ in events(out + end)] == ["content_block_delta", "error"]
+    assert stream.end() == b"" and stream.fail("x") == b"" and stream.feed(sse(*REST)) == b""
+    failed = tr.Stream.resumed("m", 0, 1)
+    assert [kind for kind, _ in events(failed.fail("Gone."))] == ["error"]

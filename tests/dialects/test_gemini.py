@@ -1150,3 +1150,49 @@ def test_every_byte_of_a_two_choice_stream():
         whole = run(body, sse=framing)
         assert run(body, list(range(1, len(body))), sse=framing) == whole
         assert check(whole, sse=framing)["candidates"][1]["calls"] == [("f", {"k": "v"})]
+
+
+# A resumed stream: the client's own stream, begun by a host that speaks Gemini's API, goes on
+# from an OpenAI host (edge/proxy/native.py)
+
+BEGUN = sse(chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}), done=False)
+REST = [  # the next host's stream, as the splice passes it on: no role, the usage billed whole
+    chunk({"content": "lo "}),
+    chunk({"content": "✓"}),
+    chunk({}, "stop"),
+    USAGE,
+]
+
+
+@pytest.mark.parametrize("framing", [True, False], ids=["sse", "json-array"])
+def test_a_resumed_stream_goes_on_with_candidate_0_and_ends_it(framing):
+    first = tr.Stream("gemma", framing).feed(BEGUN)  # what the client got before the break
+    stream = tr.Stream.resumed("gemma", "chatcmpl-9", framing)
+    out = stream.feed(sse(*REST)) + stream.end()
+    assert not out.startswith(b"[")  # the first part opened the array
+    said = check(first + out, sse=framing)
+    assert said["error"] is None and said["usage"] == META
+    assert said["candidates"][0] == {
+        "text": "Hello ✓", "thoughts": "", "calls": [], "finish": "STOP"
+    }  # fmt: skip
+    assert {e.get("responseId") for e in elements(first + out, framing)} == {"chatcmpl-9"}
+
+
+def test_a_resumed_stream_whose_client_got_no_response_id_sends_none():
+    stream = tr.Stream.resumed("gemma", "")
+    out = stream.feed(sse(*[{**c, "id": ""} for c in REST])) + stream.end()
+    found = elements(out, True)
+    assert found and all("responseId" not in e for e in found)
+    assert check(out)["candidates"][0]["finish"] == "STOP"
+
+
+@pytest.mark.parametrize("framing", [True, False], ids=["sse", "json-array"])
+def test_a_resumed_stream_cut_again_ends_with_the_error_element(framing):
+    first = tr.Stream("gemma", framing).feed(BEGUN)
+    stream = tr.Stream.resumed("gemma", "chatcmpl-9", framing)
+    out = stream.feed(sse(chunk({"content": "lo"}), done=False))
+    end = stream.end()  # a clean end with candidate 0 unfinished: cut short, not whole
+    said = check(first + out + end, sse=framing)
+    assert said["error"]["code"] == 502 and said["candidates"][0]["text"] == "Hello"
+    assert said["candidates"][0]["finish"] is None
+    assert stream.end() == b"" and stream.fail("x") == b""

@@ -278,3 +278,52 @@ async def test_a_non_streamed_answer_cut_mid_body_is_retried_whole(
         assert answer.system_fingerprint == "good"
     finally:
         await dying.close()
+
+
+@pytest.mark.parametrize("fault", [{"cut_after": 7}, {"error_after": 7}], ids=["cut", "error"])
+async def test_an_anthropic_stream_from_a_native_host_is_continued(
+    start_mock: MockStarter, start_edge: EdgeStarter, fault: dict[str, Any]
+) -> None:
+    # The mocks speak Anthropic's API themselves: the stream is relayed as it comes, and its
+    # continuation goes through OpenAI's API, translated back into the client's stream.
+    edge, (first, second) = await _fleet(start_mock, start_edge)
+    await _fault(first, **fault)
+    async with anthropic.AsyncAnthropic(base_url=edge.url, api_key="k", max_retries=0) as client:
+        async with client.messages.stream(
+            model="m", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
+        ) as stream:
+            text = "".join([piece async for piece in stream.text_stream])
+            final = await stream.get_final_message()
+    assert text == WHOLE
+    assert [block.type for block in final.content] == ["text"]
+    assert final.stop_reason == "end_turn" and final.usage.output_tokens == TOKENS
+    assert (await _requests(first))[-1]["path"] == "/v1/messages"
+    sent = (await _requests(second))[-1]
+    assert sent["path"] == "/v1/chat/completions"
+    assert sent["body"]["messages"][-1] == {
+        "role": "assistant", "content": "".join(token_texts(7))
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("fault", [{"cut_after": 5}, {"error_after": 5}], ids=["cut", "error"])
+async def test_a_gemini_stream_from_a_native_host_is_continued(
+    start_mock: MockStarter, start_edge: EdgeStarter, fault: dict[str, Any]
+) -> None:
+    from google import genai
+    from google.genai import types as gtypes
+
+    edge, (first, second) = await _fleet(start_mock, start_edge)
+    await _fault(first, **fault)
+    async with aiohttp.ClientSession() as session:  # not the SDK's own (aiohttp warns of it)
+        options = gtypes.HttpOptions(base_url=edge.url, aiohttp_client=session)
+        client = genai.Client(api_key="k", http_options=options)
+        chunks = [
+            chunk
+            async for chunk in await client.aio.models.generate_content_stream(
+                model="m", contents="hi"
+            )
+        ]
+    assert "".join(chunk.text or "" for chunk in chunks) == WHOLE
+    assert chunks[-1].candidates is not None
+    assert chunks[-1].candidates[0].finish_reason == gtypes.FinishReason.STOP
+    assert (await _requests(second))[-1]["path"] == "/v1/chat/completions"
