@@ -219,15 +219,15 @@ class UpstreamResponse:
         chunk a read ends inside waits for the rest: edge/http/chunked.py), up to its last chunk
         (the pipe's `raw` tells which happened); what was buffered before goes to `sink`.
 
-        `keep` > 0: the bytes handed on are kept (`BodyPipe.kept`) up to that many, for
+        `keep` > 0: the pieces handed on are kept (`BodyPipe.kept`) up to that many bytes, for
         a stream that may be continued elsewhere if it breaks (edge/proxy/continuation.py);
         past the bound nothing is kept. While pieces are kept, one that holds `refuse` (an
         error event's key) is not handed on: the body fails there (Malformed), so that the
         stream can be continued instead of ending with the server's error."""
         pipe = self.piping = BodyPipe(self, sink)
         if keep > 0:
-            pipe.kept = bytearray()
-            pipe.keep_left = keep
+            pipe.kept = []
+            pipe.keep_left = pipe.keep = keep
             pipe.refuse = refuse
         if self._buf:
             pipe.feed(self._take())
@@ -237,7 +237,7 @@ class UpstreamResponse:
         chunks = self.chunks
         if raw_sink is not None and chunks is not None and chunks.at_boundary:
             pipe.raw = True
-            pipe.plain = len(pipe.kept) if pipe.kept is not None else 0
+            pipe.plain = pipe.keep - pipe.keep_left  # bytes kept before the framing went raw
             pipe.sink = raw_sink
         pipe.arm()
         self._conn.pipe = pipe
@@ -326,6 +326,9 @@ class UpstreamResponse:
         return f"<UpstreamResponse {self.status} buffered={self._size} eof={self._eof}>"
 
 
+KEEP_BLOCK: Final = 64  # kept pieces joined into one block (BodyPipe.kept)
+
+
 class BodyPipe:
     """A response body on its way to a sink (the client's connection) as the parser emits it,
     made by `UpstreamResponse.pipe`. It is the client connection's `source` while it runs: the
@@ -336,7 +339,7 @@ class BodyPipe:
 
     __slots__ = (
         "response", "sink", "ended", "raw", "chunks", "piped", "last", "prev", "timeout",
-        "fed_at", "kept", "keep_left", "plain", "refuse", "_idle", "_lagging",
+        "fed_at", "kept", "blocks", "keep", "keep_left", "plain", "refuse", "_idle", "_lagging",
     )  # fmt: skip
 
     def __init__(self, response: UpstreamResponse, sink: Callable[[bytes], None]) -> None:
@@ -349,12 +352,14 @@ class BodyPipe:
         self.last = self.prev = b""  # the last two pieces piped, where a stream's usage is
         self.timeout = response.read_timeout  # the longest gap while reading
         self.fed_at = 0.0  # when the server last sent bytes (the idle clock)
-        # The bytes handed on, while they fit in `keep_left` (None: not kept, or past the
-        # bound); the first `plain` of them came before the framing went raw. Copied into one
-        # buffer: holding each piece instead kept every one alive (50 objects a stream), and
-        # cost more in the allocator than the copy does.
-        self.kept: bytearray | None = None
-        self.keep_left = 0
+        # The pieces handed on, while they fit in `keep` bytes (None: not kept, or past the
+        # bound): the latest as they came, the others joined KEEP_BLOCK at a time into `blocks`
+        # (one growing buffer copied itself over and over as it grew; a piece each held one
+        # small object per event alive). The first `plain` bytes came before the framing went
+        # raw. `kept_bytes` joins them all.
+        self.kept: list[bytes] | None = None
+        self.blocks: list[bytes] = []
+        self.keep = self.keep_left = 0
         self.plain = 0
         self.refuse = b""
         self._idle: asyncio.TimerHandle | None = None
@@ -376,13 +381,23 @@ class BodyPipe:
                 return
             self.keep_left -= len(data)
             if self.keep_left >= 0:
-                kept += data
+                kept.append(data)
+                if len(kept) == KEEP_BLOCK:
+                    self.blocks.append(b"".join(kept))
+                    kept.clear()
             else:
                 self.kept = None  # too long to continue: the memory goes at once
         self.fed_at = _now()
         self.piped += len(data)
         self.prev, self.last = self.last, data
         self.sink(data)
+
+    def kept_bytes(self) -> bytes | None:
+        """Every byte handed on, when kept (None: not asked for, or past the bound)."""
+        kept = self.kept
+        if kept is None:
+            return None
+        return b"".join(self.blocks) + b"".join(kept)
 
     def arm(self) -> None:
         """Start the idle clock (unless the client lags already)."""

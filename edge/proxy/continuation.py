@@ -4,7 +4,7 @@ host, and the client sees one stream.
 Theory of operation: while a continuable stream is relayed (OpenAI's chat or legacy completions,
 one choice, as sent to the host: translated Anthropic and Gemini requests included; Anthropic's
 and Gemini's own streams from hosts that speak them, edge/proxy/native.py), the bytes the client
-got are copied into one buffer, bounded (`BodyPipe.kept`); nothing is parsed. When it breaks
+got are kept, bounded (`BodyPipe.kept`); nothing is parsed. When it breaks
 (the connection reset or closed early, bad framing, a stall past upstream.stall_timeout_s, or an
 error event, which the pipe holds back instead of relaying), `resume` parses what the client has
 (edge/proxy/splice.py: `broken`), sends the request to another routable host with that text
@@ -64,12 +64,12 @@ class Resumed:
 def received(first: bytes, pipe: BodyPipe) -> bytes | None:
     """What the client got of a broken stream, un-chunked (`first` went out with the head);
     None when it was not kept (past the bound) or its framing cannot be read back exactly."""
-    kept = pipe.kept
+    kept = pipe.kept_bytes()
     if kept is None:
         return None
     if not pipe.raw:
         return first + kept
-    body = dechunk(bytes(kept[pipe.plain :]))
+    body = dechunk(kept[pipe.plain :])
     if body is None:
         return None
     return first + kept[: pipe.plain] + body
