@@ -80,3 +80,26 @@ def test_routing_imports_no_server_proxy_access_metrics_or_app() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
     assert len(names) >= 9
+
+
+def _compiled() -> list[Path]:
+    """The modules setup.py compiles with mypyc (its HOT tuple, read without running it)."""
+    tree = ast.parse((EDGE.parent / "setup.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "HOT":
+            names = ast.literal_eval(node.value)
+            return [EDGE / f"{name}.py" for name in names]
+    raise AssertionError("setup.py has no HOT tuple")
+
+
+@pytest.mark.parametrize("path", _compiled(), ids=lambda p: str(p.relative_to(EDGE)))
+def test_no_compiled_coroutine_awaits_inside_an_except_block(path: Path) -> None:
+    """A mypyc coroutine suspended inside an `except` block leaves its exception current for
+    the whole event loop: every exception raised meanwhile gets it as __context__, and the HTTP
+    server, which reads the __context__ of httptools' wrapped errors, answered a 431 as a 400."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ExceptHandler):
+            for inner in ast.walk(node):
+                assert not isinstance(inner, ast.Await | ast.AsyncFor | ast.AsyncWith), (
+                    f"{path.name}:{inner.lineno} awaits inside the except block at {node.lineno}"
+                )

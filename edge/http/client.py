@@ -327,6 +327,18 @@ class UpstreamResponse:
 
 
 KEEP_BLOCK: Final = 64  # kept pieces joined into one block (BodyPipe.kept)
+# Where a piece is searched for an error event (BodyPipe.refuse): a piece of one event, the usual
+# case (an engine writes each event as it comes, and a failing one writes its error event after
+# a pause), only at its start, past a chunk-size line; a longer one, where events may have come
+# together, whole. A search of every piece whole cost more than the rest of keeping it.
+REFUSE_HEAD: Final = 48
+REFUSE_WHOLE: Final = 400
+
+
+def _holds(data: bytes, refuse: bytes) -> bool:
+    if len(data) <= REFUSE_WHOLE:
+        return data.find(refuse, 0, REFUSE_HEAD) >= 0
+    return refuse in data
 
 
 class BodyPipe:
@@ -376,7 +388,8 @@ class BodyPipe:
         """A piece of the body, from the connection's parser (or chunked reader): the hot path."""
         kept = self.kept
         if kept is not None:
-            if self.refuse and self.refuse in data:
+            refuse = self.refuse
+            if refuse and _holds(data, refuse):
                 self.response._fail(Malformed("the server sent an error event mid-stream"))
                 return
             self.keep_left -= len(data)

@@ -135,12 +135,16 @@ class Exchange:
         adm = self.adm
         headers = upstream_headers(request, self.rid, adm.upstream if adm is not None else None)
         self.sent_at = time.monotonic()
+        # Nothing is awaited inside an `except` block: compiled by mypyc, a coroutine suspended
+        # there leaves its exception current for the whole loop (edge/proxy/relay.py says more).
         try:
-            up = await proxy.forwarder.open(preq, hosts, headers, decision)
-        except Unavailable as failed:
-            models = self._fallbacks(preq, decision)
-            if not models:
+            up: Upstream | None = await proxy.forwarder.open(preq, hosts, headers, decision)
+        except Unavailable as exc:
+            if not self._fallbacks(preq, decision):
                 raise
+            up, failed = None, exc
+        if up is None:
+            models = self._fallbacks(preq, decision)
             return await self._fall_back(models, preq, headers, decision, failed)
         if up.response.status in REFUSALS:  # the happy path's one check
             models = self._fallbacks(preq, decision)

@@ -95,12 +95,20 @@ async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> R
     conn.source = pipe
     if conn.paused:
         pipe.pause_reading()
+    # Nothing is awaited inside an `except` block here: compiled by mypyc, a coroutine suspended
+    # there leaves its exception as the thread's current one, and every exception raised
+    # meanwhile anywhere on the loop gets it as its __context__ (the HTTP server reads that).
+    failure: UpstreamError | None = None
     try:
         await pipe.ended
     except UpstreamError as exc:
+        failure = exc
+    finally:
         conn.source = None
-        message = STOPPED if isinstance(exc, Stopped) else STREAM_FAILED
-        got = received(first, pipe) if keep and not isinstance(exc, Stopped) else None
+    if failure is not None:
+        stopped = isinstance(failure, Stopped)
+        message = STOPPED if stopped else STREAM_FAILED
+        got = received(first, pipe) if keep and not stopped else None
         sent = len(first) + pipe.body_piped
         if got is not None:  # edge/proxy/continuation.py: on from another host
             done = await _resumed(conn, up, dialect, got, message)
@@ -111,8 +119,6 @@ async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> R
         ended_at = time.monotonic()
         _broken(request, upstream, pipe, dialect, first, message)
         return Relayed(status, sent, None, "stream_error", first_sent_at, ended_at)
-    finally:
-        conn.source = None
     ended_at = time.monotonic()
     conn.end()
     prev, last = pipe.prev, pipe.last
@@ -299,14 +305,18 @@ async def relay_translated(
     conn.source = pipe
     if conn.paused:
         pipe.pause_reading()
+    failure: UpstreamError | None = None  # handled outside the `except`: see `relay`
     try:
         await pipe.ended
         if sink.failed:
             raise Malformed("the model server's stream could not be translated")
     except UpstreamError as exc:
+        failure = exc
+    finally:
         conn.source = None
-        message = STOPPED if isinstance(exc, Stopped) else STREAM_FAILED
-        stopped = isinstance(exc, Stopped) or sink.failed
+    if failure is not None:
+        message = STOPPED if isinstance(failure, Stopped) else STREAM_FAILED
+        stopped = isinstance(failure, Stopped) or sink.failed
         got = received(first, pipe) if keep and not stopped else None
         if got is not None:  # edge/proxy/continuation.py: on from another host
             # The translator holds the half event the client never saw: continued instead.
@@ -317,8 +327,6 @@ async def relay_translated(
         conn.write(events.fail(message))
         conn.end()
         return Relayed(status, sink.sent, None, "stream_error", first_sent_at, _now())
-    finally:
-        conn.source = None
     prev, last = pipe.prev, pipe.last
     tail = [prev, last] if prev else [first, last]
     return _translated_end(conn, events, sink, status, first, tail, first_sent_at)
