@@ -67,9 +67,10 @@ async def test_short_chaos_run_every_answer_clean_no_leak_clean_drain(tmp_path: 
     assert e["half_closed_end"] == 0, shown  # none left to a Redis that was restarted
     assert d["exit_code"] == 0 and d["streams"] == ["ok"] * len(d["streams"]), shown
     assert e["workers_start"] == e["workers_end"], shown  # no worker died and was replaced
-    # The faults did happen: cut streams ended with an error event, h1's 500s left solo a 503.
+    # The faults did happen: streams cut mid-answer were continued on another host, whole (no
+    # failure in those phases), and h1's 500s left solo a 503.
     phases = {p["phase"]: p for p in report["phases"]}
-    assert phases["cut"]["failed"].get("stream error event", 0) > 0, shown
-    assert phases["cut-chunk"]["failed"], shown
+    assert report["continuations"]["ok"] > 0, (report["continuations"], shown)
+    assert not phases["cut"]["failed"] and not phases["cut-chunk"]["failed"], shown
     assert any(k.startswith("status 5") for k in phases["5xx"]["failed"]), shown
     assert all(p["sent"] > 0 for p in phases.values()), shown

@@ -58,6 +58,10 @@ AFFINITY_RESULTS: Final = frozenset({"cookie_hit", "key_hit", "moved", "none"})
 _CODES: Final = tuple(f"{i}xx" for i in range(10))
 
 
+# edge_continuations_total's outcomes (edge/proxy/continuation.py).
+CONTINUATION_OUTCOMES: Final = ("ok", "failed", "refused")
+
+
 class Metrics(Collector):
     """Prometheus families for one worker, fed by `observe`; also the worker's registry."""
 
@@ -137,7 +141,7 @@ class Metrics(Collector):
         """A request in `dialect` went to a server translated to OpenAI's."""
         self.f.translated.inc((dialect, "openai"))
 
-    def continued(self, model: str, outcome: str) -> None:
+    def continued(self, model: str, outcome: str) -> None:  # one of CONTINUATION_OUTCOMES
         """A stream broke after its first byte: continued ("ok"), or not ("failed": no host
         took it; "refused": it could not be continued)."""
         self.f.continuations.inc((model, outcome))
@@ -170,6 +174,8 @@ class Metrics(Collector):
         zeros[f.ejections.name] = servers
         zeros[f.discovery.name] = [("ok",), ("error",)]
         zeros[f.translated.name] = [("anthropic", "openai"), ("gemini", "openai")]
+        zeros[f.continuations.name] = [(m, o) for (m,) in models for o in CONTINUATION_OUTCOMES]
+        zeros[f.held.name] = servers
         zeros[f.affinity.name] = [(m, r) for (m,) in models for r in sorted(AFFINITY_RESULTS)]
         for counter in f.counters():
             yield counter.family(zeros.get(counter.name, ()))

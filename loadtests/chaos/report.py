@@ -127,6 +127,8 @@ def table(report: dict[str, Any]) -> str:
         f"RSS {e['rss_start_mib']} MiB -> {e['rss_end_mib']} MiB",
         f"  by peer at the start: {_peers(e['peers_start'])}",
         f"  by peer at the end:   {_peers(e['peers_end'])}",
+        "streams continued on another host after a break (edge_continuations_total): "
+        + ", ".join(f"{k} {v}" for k, v in report.get("continuations", {}).items()),
         f"drain: {sum(x == 'ok' for x in streams)}/{len(streams)} streams finished, exit "
         f"{d['exit_code']} {d['seconds']} s after SIGTERM",
         f"edge log: {e['log']['tracebacks']} tracebacks; "

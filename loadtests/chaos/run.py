@@ -261,6 +261,20 @@ async def drain(edge: Edge, key: str, streams: int = 6) -> dict[str, Any]:
     return {"streams": outcomes, "exit_code": code, "seconds": round(time.monotonic() - sent, 2)}
 
 
+async def continuations(url: str) -> dict[str, int]:
+    """edge_continuations_total by outcome, summed over models and workers: streams broken
+    after their first byte and continued on another host (ok), or not (failed, refused)."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/metrics") as resp:
+            text = await resp.text()
+    found = {"ok": 0, "failed": 0, "refused": 0}
+    for line in text.splitlines():
+        if line.startswith("edge_continuations_total{"):
+            outcome = line.partition('outcome="')[2].partition('"')[0]
+            found[outcome] = found.get(outcome, 0) + int(float(line.rpartition(" ")[2]))
+    return found
+
+
 def scan_log(path: Path) -> dict[str, Any]:
     """Tracebacks and ERROR lines of the edge's log, the messages without their timestamps."""
     text = path.read_text(errors="replace") if path.exists() else ""
@@ -284,10 +298,12 @@ async def run(opts: Options) -> dict[str, Any]:
         await load.stop()
         await asyncio.sleep(SETTLE_S)
         end = await sample(chaos)
+        continued = await continuations(chaos.edge.url)
         drained = await drain(chaos.edge, chaos.key)
     finally:
         await chaos.close()
     report = figures(load, timeline, start, end, drained, scan_log(chaos.edge.log))
+    report["continuations"] = continued
     report["settings"] = {
         "duration_s": opts.duration_s, "users": opts.users, "workers": opts.workers,
         "deadline_s": opts.deadline_s, "keys_mode_redis": opts.redis,
