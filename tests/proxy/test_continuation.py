@@ -212,10 +212,21 @@ async def test_tool_call_streams_are_not_continued(
     assert counted['edge_continuations_total{model="m",outcome="refused"}'] == 1.0
 
 
+@pytest.mark.parametrize("where", ["routing", "model"])
 async def test_continuation_off_ends_with_the_error_event(
-    start_mock: MockStarter, start_edge: EdgeStarter
+    start_mock: MockStarter, start_edge: EdgeStarter, where: str
 ) -> None:
-    edge, (first, second) = await _fleet(start_mock, start_edge, routing__continuation=False)
+    if where == "routing":
+        edge, (first, second) = await _fleet(start_mock, start_edge, routing__continuation=False)
+    else:  # off for this model only: [routing.models."m"] continuation = false
+        urls = [await start_mock(name=f"mock{i}", models=("m",), tokens=TOKENS) for i in (0, 1)]
+        models = _prices(urls)
+        models["m"]["continuation"] = False
+        edge = await start_edge(
+            models={"m": urls}, routing__models=models, routing__affinity=False,
+            health__enabled=False,
+        )  # fmt: skip
+        first, second = urls
     await _fault(first, cut_after=3)
     with pytest.raises(openai.APIError):
         await _chat(edge)
