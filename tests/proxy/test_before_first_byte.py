@@ -13,16 +13,11 @@ import aiohttp
 import openai
 
 from tests.conftest import EdgeUnderTest
+from tests.proxy import faults
 
 MockStarter = Callable[..., Awaitable[str]]
 EdgeStarter = Callable[..., Awaitable[EdgeUnderTest]]
 HI: Any = [{"role": "user", "content": "hi"}]
-
-
-def _prices(urls: list[str]) -> dict[str, Any]:
-    """The price policy sends every request to the first server while it is a candidate."""
-    prices = {u: {"input": float(i + 1), "output": float(i + 1)} for i, u in enumerate(urls)}
-    return {"m": {"policy": "price", "prices": prices}}
 
 
 async def _fleet(
@@ -30,18 +25,12 @@ async def _fleet(
 ) -> tuple[EdgeUnderTest, list[str]]:
     urls = [await start_mock(name=f"mock{i}", models=("m",), tokens=4) for i in range(count)]
     settings: dict[str, Any] = {
-        "routing__models": _prices(urls),
+        "routing__models": faults.prices(urls),
         "routing__affinity": False,
         "health__enabled": False,
         **overrides,
     }
     return await start_edge(models={"m": urls}, **settings), urls
-
-
-async def _fault(url: str, **fault: Any) -> None:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{url}/_mock/fault", json=fault) as resp:
-            assert resp.status == 200, await resp.text()
 
 
 async def _served_by(edge: EdgeUnderTest, stream: bool = False) -> tuple[str, float]:
@@ -62,34 +51,23 @@ async def _served_by(edge: EdgeUnderTest, stream: bool = False) -> tuple[str, fl
     return name, time.monotonic() - started
 
 
-async def _metric(edge: EdgeUnderTest, name: str) -> dict[str, float]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{edge.url}/metrics") as resp:
-            text = await resp.text()
-    return {
-        line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
-        for line in text.splitlines()
-        if line.startswith(name)
-    }
-
-
 async def test_a_slow_first_token_fails_over_within_the_deadline(
     start_mock: MockStarter, start_edge: EdgeStarter
 ) -> None:
     # Headers at once, first token after 20 s, as in the failure-injection benchmark.
     edge, (slow, _) = await _fleet(start_mock, start_edge, upstream__first_token_floor_s=0.5)
-    await _fault(slow, ttft_ms=20000, count=1)
+    await faults.fault(slow, ttft_ms=20000, count=1)
     for stream in (True, False):
         if not stream:
-            await _fault(slow, ttft_ms=20000, count=1)
+            await faults.fault(slow, ttft_ms=20000, count=1)
         name, took = await _served_by(edge, stream)
         # No sample of the slow host yet: 2 x the floor (1 s), then the other host answers.
         assert name == "mock1"
         assert 0.9 < took < 3.0, took
-    counted = await _metric(edge, "edge_upstream_attempts_total")
-    assert (
-        counted[f'edge_upstream_attempts_total{{model="m",outcome="timeout",server="{slow}"}}'] == 2
+    timeouts = await faults.counter(
+        edge.url, "edge_upstream_attempts_total", model="m", outcome="timeout", server=slow
     )
+    assert timeouts == 2
 
 
 async def test_the_last_chance_waits_the_whole_first_byte_timeout(
@@ -100,7 +78,7 @@ async def test_the_last_chance_waits_the_whole_first_byte_timeout(
     edge = await start_edge(
         models={"m": [url]}, upstream__first_token_floor_s=0.2, health__enabled=False
     )
-    await _fault(url, ttft_ms=1500, count=1)
+    await faults.fault(url, ttft_ms=1500, count=1)
     name, took = await _served_by(edge, stream=True)
     assert name == "only" and took >= 1.5
 
@@ -109,7 +87,7 @@ async def test_retry_after_holds_a_busy_host_out_for_that_long(
     start_mock: MockStarter, start_edge: EdgeStarter
 ) -> None:
     edge, (busy, other) = await _fleet(start_mock, start_edge)
-    await _fault(busy, status=429, retry_after="2", count=1)
+    await faults.fault(busy, status=429, retry_after="2", count=1)
     held_at = time.monotonic()
     name, _ = await _served_by(edge)
     assert name == "mock1"  # moved on at once
@@ -119,8 +97,7 @@ async def test_retry_after_holds_a_busy_host_out_for_that_long(
         await asyncio.sleep(0.1)
     await asyncio.sleep(max(0.0, 2.1 - (time.monotonic() - held_at)))
     assert (await _served_by(edge))[0] == "mock0"  # back once the 2 s are over
-    counted = await _metric(edge, "edge_retry_after_holds_total")
-    assert counted[f'edge_retry_after_holds_total{{server="{busy}"}}'] == 1.0
+    assert await faults.counter(edge.url, "edge_retry_after_holds_total", server=busy) == 1.0
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{edge.url}/ready") as resp:
             assert resp.status == 200  # busy is not down
@@ -131,11 +108,11 @@ async def test_retry_after_is_waited_for_when_no_other_host_can_serve(
 ) -> None:
     url = await start_mock(name="only", models=("m",), tokens=4)
     edge = await start_edge(models={"m": [url]}, health__enabled=False)
-    await _fault(url, status=503, retry_after="1", count=1)
+    await faults.fault(url, status=503, retry_after="1", count=1)
     name, took = await _served_by(edge)
     assert name == "only" and 0.9 < took < 3.0, took
     # Longer than upstream.retry_after_wait_s: not waited for, the 503 names the hold.
-    await _fault(url, status=503, retry_after="30", count=1)
+    await faults.fault(url, status=503, retry_after="30", count=1)
     async with openai.AsyncOpenAI(base_url=f"{edge.url}/v1", api_key="k", max_retries=0) as c:
         try:
             await c.chat.completions.create(model="m", messages=HI)

@@ -20,18 +20,12 @@ import pytest
 
 from edge.dev.mockwire import token_texts
 from tests.conftest import EdgeUnderTest
+from tests.proxy import faults
 
 TOKENS = 20
 WHOLE = "".join(token_texts(TOKENS))
 MockStarter = Callable[..., Awaitable[str]]
 EdgeStarter = Callable[..., Awaitable[EdgeUnderTest]]
-
-
-def _prices(urls: list[str]) -> dict[str, Any]:
-    """The price policy tries the servers in the order given: the first takes every request,
-    a continuation goes to the next one not tried."""
-    prices = {u: {"input": float(i + 1), "output": float(i + 1)} for i, u in enumerate(urls)}
-    return {"m": {"policy": "price", "prices": prices}}
 
 
 async def _fleet(
@@ -44,7 +38,7 @@ async def _fleet(
         for i in range(count)
     ]
     settings: dict[str, Any] = {
-        "routing__models": _prices(urls),
+        "routing__models": faults.prices(urls),
         "routing__affinity": False,
         "upstream__stall_timeout_s": 0.5,
         "health__enabled": False,
@@ -54,28 +48,8 @@ async def _fleet(
     return edge, urls
 
 
-async def _fault(url: str, **fault: Any) -> None:
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{url}/_mock/fault", json={"count": 1, **fault}) as resp:
-            assert resp.status == 200, await resp.text()
-
-
-async def _requests(url: str) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{url}/_mock/requests") as resp:
-            found: list[dict[str, Any]] = await resp.json()
-            return found
-
-
-async def _metric(edge: EdgeUnderTest, name: str) -> dict[str, float]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{edge.url}/metrics") as resp:
-            text = await resp.text()
-    return {
-        line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
-        for line in text.splitlines()
-        if line.startswith(name)
-    }
+async def _continued(edge: EdgeUnderTest, outcome: str) -> float:
+    return await faults.counter(edge.url, "edge_continuations_total", model="m", outcome=outcome)
 
 
 def _client(edge: EdgeUnderTest) -> openai.AsyncOpenAI:
@@ -107,7 +81,7 @@ async def test_a_broken_chat_stream_is_continued_on_another_host(
     start_mock: MockStarter, start_edge: EdgeStarter, fault: dict[str, Any]
 ) -> None:
     edge, (first, second) = await _fleet(start_mock, start_edge)
-    await _fault(first, **fault)
+    await faults.fault(first, count=1, **fault)
     started = time.monotonic()
     text, chunks = await _chat(edge, stream_options={"include_usage": True})
     assert text == WHOLE  # the first host's part, then the second's, exactly once
@@ -121,18 +95,17 @@ async def test_a_broken_chat_stream_is_continued_on_another_host(
     assert [f for f in finishes if f] == ["stop"]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == TOKENS
     # The second host was asked to continue what the client had.
-    sent = (await _requests(second))[-1]["body"]
+    sent = (await faults.mock_requests(second))[-1]["body"]
     assert sent["messages"][-1] == {"role": "assistant", "content": "".join(token_texts(8))}
     assert sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
-    counted = await _metric(edge, "edge_continuations_total")
-    assert counted['edge_continuations_total{model="m",outcome="ok"}'] == 1.0
+    assert await _continued(edge, "ok") == 1.0
 
 
 async def test_the_raw_stream_is_one_stream_with_one_done(
     start_mock: MockStarter, start_edge: EdgeStarter
 ) -> None:
     edge, (first, _) = await _fleet(start_mock, start_edge)
-    await _fault(first, cut_after=5)
+    await faults.fault(first, count=1, cut_after=5)
     body = orjson.dumps({
         "model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
     })  # fmt: skip
@@ -153,10 +126,10 @@ async def test_max_tokens_is_reduced_by_what_was_sent(
     start_mock: MockStarter, start_edge: EdgeStarter
 ) -> None:
     edge, (first, second) = await _fleet(start_mock, start_edge)
-    await _fault(first, cut_after=6)
+    await faults.fault(first, count=1, cut_after=6)
     text, chunks = await _chat(edge, max_tokens=12)
     assert text == "".join(token_texts(12))
-    assert (await _requests(second))[-1]["body"]["max_tokens"] == 6
+    assert (await faults.mock_requests(second))[-1]["body"]["max_tokens"] == 6
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
@@ -164,13 +137,14 @@ async def test_a_legacy_completion_is_continued(
     start_mock: MockStarter, start_edge: EdgeStarter
 ) -> None:
     edge, (first, second) = await _fleet(start_mock, start_edge)
-    await _fault(first, cut_after=7)
+    await faults.fault(first, count=1, cut_after=7)
     async with _client(edge) as client:
         stream = await client.completions.create(model="m", prompt="Say: ", stream=True)
         chunks = [chunk async for chunk in stream]
     assert "".join(c.choices[0].text for c in chunks if c.choices) == WHOLE
     assert len({c.id for c in chunks}) == 1
-    assert (await _requests(second))[-1]["body"]["prompt"] == "Say: " + "".join(token_texts(7))
+    sent = (await faults.mock_requests(second))[-1]["body"]
+    assert sent["prompt"] == "Say: " + "".join(token_texts(7))
 
 
 async def test_a_third_break_ends_with_the_error_event(
@@ -178,7 +152,7 @@ async def test_a_third_break_ends_with_the_error_event(
 ) -> None:
     edge, urls = await _fleet(start_mock, start_edge, count=3)
     for url, after in zip(urls, (4, 3, 2), strict=True):
-        await _fault(url, cut_after=after)
+        await faults.fault(url, count=1, cut_after=after)
     async with _client(edge) as client:
         stream = await client.chat.completions.create(
             model="m", messages=[{"role": "user", "content": "hi"}], stream=True
@@ -189,16 +163,15 @@ async def test_a_third_break_ends_with_the_error_event(
                 got.append(chunk.choices[0].delta.content or "")
     # Two continuations (routing.max_continuations), each whole up to its own break.
     assert "".join(got) == "".join(token_texts(4 + 3 + 2))
-    counted = await _metric(edge, "edge_continuations_total")
-    assert counted['edge_continuations_total{model="m",outcome="ok"}'] == 2.0
-    assert counted['edge_continuations_total{model="m",outcome="failed"}'] == 1.0
+    assert await _continued(edge, "ok") == 2.0
+    assert await _continued(edge, "failed") == 1.0
 
 
 async def test_tool_call_streams_are_not_continued(
     start_mock: MockStarter, start_edge: EdgeStarter
 ) -> None:
     edge, (first, second) = await _fleet(start_mock, start_edge)
-    await _fault(first, cut_after=1)
+    await faults.fault(first, count=1, cut_after=1)
     tools: Any = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     async with _client(edge) as client:
         stream = await client.chat.completions.create(
@@ -207,9 +180,8 @@ async def test_tool_call_streams_are_not_continued(
         with pytest.raises(openai.APIError):
             async for _ in stream:
                 pass
-    assert await _requests(second) == []
-    counted = await _metric(edge, "edge_continuations_total")
-    assert counted['edge_continuations_total{model="m",outcome="refused"}'] == 1.0
+    assert await faults.mock_requests(second) == []
+    assert await _continued(edge, "refused") == 1.0
 
 
 @pytest.mark.parametrize("where", ["routing", "model"])
@@ -220,27 +192,27 @@ async def test_continuation_off_ends_with_the_error_event(
         edge, (first, second) = await _fleet(start_mock, start_edge, routing__continuation=False)
     else:  # off for this model only: [routing.models."m"] continuation = false
         urls = [await start_mock(name=f"mock{i}", models=("m",), tokens=TOKENS) for i in (0, 1)]
-        models = _prices(urls)
+        models = faults.prices(urls)
         models["m"]["continuation"] = False
         edge = await start_edge(
             models={"m": urls}, routing__models=models, routing__affinity=False,
             health__enabled=False,
         )  # fmt: skip
         first, second = urls
-    await _fault(first, cut_after=3)
+    await faults.fault(first, count=1, cut_after=3)
     with pytest.raises(openai.APIError):
         await _chat(edge)
-    assert await _requests(second) == []
+    assert await faults.mock_requests(second) == []
 
 
 async def test_a_pinned_stream_is_not_continued_elsewhere(
     start_mock: MockStarter, start_edge: EdgeStarter
 ) -> None:
     edge, (first, second) = await _fleet(start_mock, start_edge)
-    await _fault(first, cut_after=3)
+    await faults.fault(first, count=1, cut_after=3)
     with pytest.raises(openai.APIError):
         await _chat(edge, extra_headers={"X-Edge-Server": first})
-    assert await _requests(second) == []
+    assert await faults.mock_requests(second) == []
 
 
 async def test_an_anthropic_stream_translated_for_openai_hosts_is_continued(
@@ -248,7 +220,7 @@ async def test_an_anthropic_stream_translated_for_openai_hosts_is_continued(
 ) -> None:
     edge, (first, second) = await _fleet(start_mock, start_edge, speaks=("openai",))
     # The first request learns that the hosts speak only OpenAI's API (a 404, then translated).
-    await _fault(first, cut_after=6)
+    await faults.fault(first, count=1, cut_after=6)
     async with anthropic.AsyncAnthropic(base_url=edge.url, api_key="k", max_retries=0) as client:
         async with client.messages.stream(
             model="m", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
@@ -258,7 +230,7 @@ async def test_an_anthropic_stream_translated_for_openai_hosts_is_continued(
     assert text == WHOLE
     assert final.stop_reason == "end_turn"
     assert final.usage.output_tokens == TOKENS
-    sent = (await _requests(second))[-1]
+    sent = (await faults.mock_requests(second))[-1]
     assert sent["path"] == "/v1/chat/completions"
     assert sent["body"]["messages"][-1]["role"] == "assistant"
 
@@ -275,7 +247,7 @@ async def test_a_non_streamed_answer_cut_mid_body_is_retried_whole(
     dying_url = await dying.start()
     good = await start_mock(name="good", models=("m",), tokens=TOKENS)
     edge = await start_edge(
-        models={"m": [dying_url, good]}, routing__models=_prices([dying_url, good]),
+        models={"m": [dying_url, good]}, routing__models=faults.prices([dying_url, good]),
         routing__affinity=False, health__enabled=False,
     )  # fmt: skip
     try:
@@ -298,7 +270,7 @@ async def test_an_anthropic_stream_from_a_native_host_is_continued(
     # The mocks speak Anthropic's API themselves: the stream is relayed as it comes, and its
     # continuation goes through OpenAI's API, translated back into the client's stream.
     edge, (first, second) = await _fleet(start_mock, start_edge)
-    await _fault(first, **fault)
+    await faults.fault(first, count=1, **fault)
     async with anthropic.AsyncAnthropic(base_url=edge.url, api_key="k", max_retries=0) as client:
         async with client.messages.stream(
             model="m", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
@@ -308,8 +280,8 @@ async def test_an_anthropic_stream_from_a_native_host_is_continued(
     assert text == WHOLE
     assert [block.type for block in final.content] == ["text"]
     assert final.stop_reason == "end_turn" and final.usage.output_tokens == TOKENS
-    assert (await _requests(first))[-1]["path"] == "/v1/messages"
-    sent = (await _requests(second))[-1]
+    assert (await faults.mock_requests(first))[-1]["path"] == "/v1/messages"
+    sent = (await faults.mock_requests(second))[-1]
     assert sent["path"] == "/v1/chat/completions"
     assert sent["body"]["messages"][-1] == {
         "role": "assistant", "content": "".join(token_texts(7))
@@ -324,7 +296,7 @@ async def test_a_gemini_stream_from_a_native_host_is_continued(
     from google.genai import types as gtypes
 
     edge, (first, second) = await _fleet(start_mock, start_edge)
-    await _fault(first, **fault)
+    await faults.fault(first, count=1, **fault)
     async with aiohttp.ClientSession() as session:  # not the SDK's own (aiohttp warns of it)
         options = gtypes.HttpOptions(base_url=edge.url, aiohttp_client=session)
         client = genai.Client(api_key="k", http_options=options)
@@ -337,4 +309,4 @@ async def test_a_gemini_stream_from_a_native_host_is_continued(
     assert "".join(chunk.text or "" for chunk in chunks) == WHOLE
     assert chunks[-1].candidates is not None
     assert chunks[-1].candidates[0].finish_reason == gtypes.FinishReason.STOP
-    assert (await _requests(second))[-1]["path"] == "/v1/chat/completions"
+    assert (await faults.mock_requests(second))[-1]["path"] == "/v1/chat/completions"
