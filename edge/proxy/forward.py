@@ -52,7 +52,7 @@ from edge.routing.speaks import Speaks
 from edge.routing.stats import first_byte_deadline
 
 # Routes whose streams can be continued on another host (and so stall sooner): OpenAI's chat and
-# legacy completions, and the dialects translated to chat.
+# legacy completions as sent; Anthropic's and Gemini's, sent translated to chat or natively.
 _CONTINUABLE: Final = frozenset({"chat", "completions"})
 _NATIVE: Final = frozenset({"messages", "gemini"})  # Anthropic's and Gemini's, from native hosts
 
