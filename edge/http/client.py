@@ -89,6 +89,10 @@ class TimedOut(UpstreamError):
     outcome: ClassVar[str] = "timeout"
 
 
+class PastDeadline(TimedOut):
+    """The response outlived upstream.total_timeout_s: a stream is not continued past it."""
+
+
 class FirstByteLate(TimedOut):
     """No first byte (head or body) within the attempt's first-byte deadline."""
 
@@ -245,7 +249,7 @@ class UpstreamResponse:
 
     def set_deadline(self, seconds: float) -> None:
         """Fail the body (and close the connection) `seconds` from now unless it ended."""
-        self._deadline = self._loop.call_later(seconds, self._expired, "the total timeout passed")
+        self._deadline = self._loop.call_later(seconds, self._past_deadline)
 
     def stop(self) -> None:
         """End the body now, as if the server had failed mid-answer, and close the connection:
@@ -257,6 +261,11 @@ class UpstreamResponse:
     def _expired(self, reason: str) -> None:
         if not self._eof:
             self._fail(TimedOut(reason))
+            self._conn.abort()
+
+    def _past_deadline(self) -> None:
+        if not self._eof:
+            self._fail(PastDeadline("the total timeout passed"))
             self._conn.abort()
 
     def close(self) -> None:

@@ -33,7 +33,14 @@ import orjson
 from edge.dialects import ANTHROPIC
 from edge.dialects.errors import STREAM_FAILED, error_event
 from edge.http.chunked import unframe
-from edge.http.client import BodyPipe, Malformed, Stopped, UpstreamError, UpstreamResponse
+from edge.http.client import (
+    BodyPipe,
+    Malformed,
+    PastDeadline,
+    Stopped,
+    UpstreamError,
+    UpstreamResponse,
+)
 from edge.http.server import Connection, Request
 from edge.observe.record import Usage
 from edge.proxy.continuation import (
@@ -108,7 +115,9 @@ async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> R
     if failure is not None:
         stopped = isinstance(failure, Stopped)
         message = STOPPED if stopped else STREAM_FAILED
-        got = received(first, pipe) if keep and not stopped else None
+        # The edge's drain, or the request's total time spent: not continued.
+        final = stopped or isinstance(failure, PastDeadline)
+        got = received(first, pipe) if keep and not final else None
         sent = len(first) + pipe.body_piped
         if got is not None:  # edge/proxy/continuation.py: on from another host
             done = await _resumed(conn, up, dialect, got, message)
@@ -316,8 +325,8 @@ async def relay_translated(
         conn.source = None
     if failure is not None:
         message = STOPPED if isinstance(failure, Stopped) else STREAM_FAILED
-        stopped = isinstance(failure, Stopped) or sink.failed
-        got = received(first, pipe) if keep and not stopped else None
+        final = isinstance(failure, Stopped | PastDeadline) or sink.failed
+        got = received(first, pipe) if keep and not final else None
         if got is not None:  # edge/proxy/continuation.py: on from another host
             # The translator holds the half event the client never saw: continued instead.
             events.drop_partial()

@@ -310,3 +310,15 @@ async def test_a_gemini_stream_from_a_native_host_is_continued(
     assert chunks[-1].candidates is not None
     assert chunks[-1].candidates[0].finish_reason == gtypes.FinishReason.STOP
     assert (await faults.mock_requests(second))[-1]["path"] == "/v1/chat/completions"
+
+
+async def test_a_stream_past_the_total_timeout_is_not_continued(
+    start_mock: MockStarter, start_edge: EdgeStarter
+) -> None:
+    # upstream.total_timeout_s bounds the request, not each host: its end is no break to mend.
+    edge, (first, second) = await _fleet(start_mock, start_edge, upstream__total_timeout_s=0.4)
+    await faults.fault(first, count=1, chunk_ms=100.0)  # a 2 s stream
+    with pytest.raises(openai.APIError):
+        await _chat(edge)
+    assert await faults.mock_requests(second) == []
+    assert await _continued(edge, "ok") == 0.0
