@@ -34,7 +34,7 @@ import orjson
 from edge.dialects import ANTHROPIC, GEMINI
 from edge.dialects import anthropic as to_anthropic
 from edge.dialects import gemini as to_gemini
-from edge.proxy.splice import CHAT_OBJECT, Broken
+from edge.proxy.splice import CHAT_OBJECT, Broken, Sse
 from edge.proxy.translate import Events
 
 # The keys a Gemini text part may hold: a thought part or any other payload is not a text.
@@ -94,34 +94,18 @@ def broken_gemini(data: bytes) -> Native | None:
 
 
 def _events(data: bytes) -> list[tuple[bytes, bytes]] | None:
-    """(event name, data) of each whole event that has either; None when the last one is not
-    whole. An `error:` field (llama.cpp's, in OpenAI's dialect) names the event an error."""
+    """(event name, data) of each whole event that has either (splice.Sse: an `error:` field,
+    llama.cpp's, names the event an error); None when the last one is not whole."""
     lines = data.split(b"\n")
     if lines.pop():  # after the last LF, part of a line: what comes next would extend it
         return None
+    sse = Sse(len(data) + 1)  # the caller bounds `data`
     found: list[tuple[bytes, bytes]] = []
-    payload: list[bytes] = []
-    name, under_way = b"", False
     for line in lines:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if not line:
-            if name or payload:
-                found.append((name, b"\n".join(payload).strip()))
-            name, payload, under_way = b"", [], False
-            continue
-        if line.startswith(b":"):
-            continue  # a comment: llama.cpp's keep-alive
-        under_way = True
-        field, _, value = line.partition(b":")
-        value = value[1:] if value.startswith(b" ") else value
-        if field == b"data":
-            payload.append(value)
-        elif field == b"event":
-            name = value.strip()
-        elif field == b"error":
-            name = b"error"
-    return None if under_way else found
+        event = sse.line(line)
+        if event is not None:
+            found.append(event)
+    return None if sse.open else found
 
 
 def _object(name: bytes, payload: bytes) -> dict[str, Any] | None:

@@ -74,11 +74,11 @@ def broken(data: bytes, chat: bool) -> Broken | None:
     tail = lines.pop()  # what came after the last LF: part of a line
     if tail.strip():
         return None
-    sse = _Sse(len(data) + 1)  # the caller bounds `data`
+    sse = Sse(len(data) + 1)  # the caller bounds `data`
     reader = _Reader(chat)
     for line in lines:
         event = sse.line(line)
-        if event is not None and not reader.event(event[0], event[1]):
+        if event is not None and not reader.event(event[1], event[0] == b"error"):
             return None
     return None if sse.open else reader.result()
 
@@ -182,7 +182,7 @@ class Splice:
         self._texts: list[str] = []
         self._parts: list[bytes] = []  # the incomplete last line, in the pieces it came in
         self._held = 0
-        self._sse = _Sse(max_event)
+        self._sse = Sse(max_event)
         self._role_sent = had.role_sent
 
     def __repr__(self) -> str:
@@ -241,7 +241,7 @@ class Splice:
                 self.failed = True
                 return
             if event is not None:
-                self._event(event[0], event[1], out)
+                self._event(event[1], event[0] == b"error", out)
 
     def _event(self, payload: bytes, error: bool, out: list[bytes]) -> None:
         if error:
@@ -322,20 +322,22 @@ class Splice:
             usage["total_tokens"] = prompt + completion
 
 
-class _Sse:
-    """SSE lines in, events out: (data, is_error) when a blank line ends an event that has data
-    or is an error. `open`: a field line came since the last blank line (an event under way)."""
+class Sse:
+    """SSE lines in, events out: (name, data) when a blank line ends an event that has data or
+    a name; the name is b"error" for an `event: error` or an `error:` field (llama.cpp's). `open`:
+    a field line came since the last blank line (an event under way). Also read by
+    edge/proxy/native.py."""
 
-    __slots__ = ("max_event", "open", "_data", "_size", "_error")
+    __slots__ = ("max_event", "open", "_data", "_size", "_name")
 
     def __init__(self, max_event: int) -> None:
         self.max_event = max_event
         self.open = False
         self._data: list[bytes] = []
         self._size = 0
-        self._error = False
+        self._name = b""
 
-    def line(self, line: bytes) -> tuple[bytes, bool] | None:
+    def line(self, line: bytes) -> tuple[bytes, bytes] | None:
         if line.endswith(b"\r"):
             line = line[:-1]
         if not line:
@@ -351,17 +353,18 @@ class _Sse:
             if self._size > self.max_event:
                 raise ValueError(f"an SSE event is longer than {self.max_event} bytes")
             self._data.append(value)
-            self._error = self._error or name == b"error"
-        elif name == b"event":
-            self._error = self._error or value.strip() == b"error"
-        return None  # id:, retry: and unknown fields say nothing the splice needs
+            if name == b"error":
+                self._name = b"error"
+        elif name == b"event" and self._name != b"error":
+            self._name = value.strip()
+        return None  # id:, retry: and unknown fields say nothing the readers need
 
-    def _dispatch(self) -> tuple[bytes, bool] | None:
-        data, error = self._data, self._error
-        self.open, self._data, self._size, self._error = False, [], 0, False
-        if not data and not error:
+    def _dispatch(self) -> tuple[bytes, bytes] | None:
+        data, name = self._data, self._name
+        self.open, self._data, self._size, self._name = False, [], 0, b""
+        if not data and not name:
             return None
-        return (data[0] if len(data) == 1 else b"\n".join(data)).strip(), error
+        return name, (data[0] if len(data) == 1 else b"\n".join(data)).strip()
 
 
 class _Reader:
