@@ -1,4 +1,4 @@
-"""`edge serve | mock | demo | keys`: the command line, turned into a Config for app.run."""
+"""`edge serve | mock | demo | keys | route`: the command line, turned into a Config for app.run."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from edge import app
 from edge.access import keys
 from edge.config import Config, ConfigError, load
 from edge.dev import mock
+from edge.direct import route as direct_route
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     keys_cmd = commands.add_parser("keys", help="create, list and revoke API keys")
     keys.add_arguments(keys_cmd)
     keys_cmd.set_defaults(run=keys.run)
+
+    # edge.direct's placement, from a shell (edge/direct/route.py): needs no httpx2.
+    route_cmd = commands.add_parser("route", help="the hosts a request would try, in order")
+    direct_route.add_arguments(route_cmd)
+    route_cmd.set_defaults(run=direct_route.run)
     return parser
 
 

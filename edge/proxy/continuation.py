@@ -103,8 +103,10 @@ def dechunk(data: bytes) -> bytes | None:
 def whole_events(data: bytes) -> bytes:
     """`data` up to its last complete event (a translated stream's client never saw the rest:
     the translator holds a partial line)."""
-    cut = max(data.rfind(b"\n\n") + 2, data.rfind(b"\r\n\r\n") + 4)
-    return data[:cut] if cut > 1 else b""
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+    # Each end only where its separator was found: rfind's -1 plus 4 would cut at byte 3.
+    cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+    return data[:cut]
 
 
 async def resume(

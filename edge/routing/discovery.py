@@ -30,6 +30,7 @@ import logging
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Final
 
@@ -228,8 +229,13 @@ class Discovery:
         session: aiohttp.ClientSession,
         on_result: Callable[[bool], None] | None = None,
         env: Mapping[str, str] | None = None,
+        guard: AbstractContextManager[object] | None = None,
     ) -> None:
         self.settings = settings
+        # Held while the new fleet is built and swapped in (hosts no source names are marked
+        # removed): the direct-host library (edge/direct/router.py) routes in its callers'
+        # threads while discovery runs on a loop of its own. The server's one loop needs none.
+        self.guard = guard or contextlib.nullcontext()
         self.env = os.environ if env is None else env  # where "auto" puts the cache file
         self.static = parse_registry({m: {"servers": list(s)} for m, s in static.items()})
         self.table = table
@@ -264,7 +270,9 @@ class Discovery:
             await self._load_cache()
         await asyncio.gather(*(self._refresh_one(s) for s in self.sources))
         views = [self.static] + [s.view for s in self.sources if s.view is not None]
-        self.view.fleet = self.table.build(merge(views))
+        merged = merge(views)
+        with self.guard:
+            self.view.fleet = self.table.build(merged)
         self.refreshes += 1
         await self._save_cache()
 

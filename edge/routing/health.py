@@ -36,10 +36,12 @@ and the proxy ends it on every path, cancellation included.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import quote
 
@@ -280,11 +282,16 @@ class Prober:
         health: Health,
         view: FleetView,
         session: aiohttp.ClientSession,
+        guard: AbstractContextManager[object] | None = None,
     ) -> None:
         self.settings = settings
         self.health = health
         self.view = view
         self.session = session
+        # Held while a result moves a host's state: the direct-host library routes in its
+        # callers' threads while probes run on its own loop (edge/direct/router.py); the
+        # server's one loop needs none.
+        self.guard = guard or contextlib.nullcontext()
         self.rounds = 0
         self.probes = 0
         self.failed = 0
@@ -312,12 +319,15 @@ class Prober:
     async def _probe(self, host: Host, models: list[str]) -> None:
         path = self.settings.path
         if "{model}" not in path:
-            self.health.probed(host, probe_rank(await self._get(host.url + path)) != PROBE_FAILED)
+            ok = probe_rank(await self._get(host.url + path)) != PROBE_FAILED
+            with self.guard:
+                self.health.probed(host, ok)
             return
         urls = [host.url + path.replace("{model}", quote(m, safe="/")) for m in models]
         statuses = await asyncio.gather(*(self._get(url) for url in urls))
         ranks = {m: probe_rank(s) for m, s in zip(models, statuses, strict=True)}
-        self.health.probed(host, any(r != PROBE_FAILED for r in ranks.values()), ranks)
+        with self.guard:
+            self.health.probed(host, any(r != PROBE_FAILED for r in ranks.values()), ranks)
 
     async def _get(self, url: str) -> int | None:
         """The probe's status, or None when it got no answer in time."""

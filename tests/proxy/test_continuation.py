@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from edge.dev.mockwire import token_texts
+from edge.proxy.continuation import whole_events
 from tests.conftest import EdgeUnderTest
 from tests.proxy import faults
 
@@ -322,3 +323,17 @@ async def test_a_stream_past_the_total_timeout_is_not_continued(
         await _chat(edge)
     assert await faults.mock_requests(second) == []
     assert await _continued(edge, "ok") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("data", "whole"),
+    [
+        (b"", b""),
+        (b"dat", b""),  # no separator at all: rfind's -1 once made this b"dat"
+        (b"data: a\n\ndata: b", b"data: a\n\n"),
+        (b"data: a\r\n\r\nda", b"data: a\r\n\r\n"),
+        (b"data: a\n\ndata: b\r\n\r\n", b"data: a\n\ndata: b\r\n\r\n"),
+    ],
+)
+def test_whole_events_keeps_only_complete_events(data: bytes, whole: bytes) -> None:
+    assert whole_events(data) == whole

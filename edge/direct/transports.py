@@ -1,0 +1,346 @@
+"""httpx2 transports that send each request straight to a host of its model, routed as the edge
+routes it (edge/direct/router.py), for the official SDKs' clients:
+
+    client = OpenAI(base_url="http://direct/v1", api_key=KEY,
+                    http_client=httpx2.Client(transport=edge.direct.transport(sources=[...])))
+
+The base URL's host is ignored: the path, query, body and headers (the key included) go to the
+host routing names. Attempts move on before the first byte, as through the edge: a connect
+error, a timeout, a 5xx or a 429 (its Retry-After holds the host) fails the attempt and the plan
+names the next host, paid from the retry budget. From the first byte the response is the host's;
+its stream's end (whole or broken) is the attempt's outcome, read into health and statistics.
+When every host failed, the answer is a 503 in the request's dialect naming each server and why,
+with `x-should-retry: false` (the SDKs would retry it otherwise: the hosts were all tried).
+
+First-byte deadline: while another host could take the request, an attempt waits for its host's
+recent form (stats.first_byte_deadline), else upstream.first_byte_timeout_s. The async transport
+bounds the head and the first body byte together; the sync one bounds the head (httpcore reads
+a body with one read timeout fixed at its first read, so the first body byte and every later
+one wait up to upstream.idle_timeout_s; upstream.stall_timeout_s for a stream that can be
+continued, edge/direct/resume.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import ssl
+import time
+from collections.abc import Generator, Iterator
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import httpx2
+
+from edge.dialects import dialect_of
+from edge.dialects.errors import error_body
+from edge.direct.resume import Resumable, ending
+from edge.direct.router import SERVED_HEADER, Call, Router, forward_headers
+from edge.direct.settings import DirectSettings, settings_from
+from edge.errors import EdgeError, Unavailable
+from edge.proxy.splice import Splice
+from edge.routing.attempt import (
+    CONNECT_ERROR,
+    HTTP_5XX,
+    HTTP_429,
+    OK,
+    STREAM_ERROR,
+    TIMEOUT,
+    Attempt,
+)
+from edge.routing.fleet import Host
+
+
+def transport(**settings: Any) -> DirectTransport:
+    """A sync transport for httpx2.Client (OpenAI, Anthropic): see edge/direct/settings.py."""
+    return DirectTransport(settings_from(**settings))
+
+
+def _verify(settings: DirectSettings) -> ssl.SSLContext | bool:
+    u = settings.config.upstream
+    if u.ca_bundle:
+        return ssl.create_default_context(cafile=u.ca_bundle)
+    return u.verify_tls
+
+
+def _limits(settings: DirectSettings) -> httpx2.Limits:
+    u = settings.config.upstream
+    return httpx2.Limits(
+        max_connections=u.max_connections_per_server, keepalive_expiry=u.keepalive_s
+    )
+
+
+def error_response(err: EdgeError, dialect: str) -> httpx2.Response:
+    """An EdgeError in the dialect's error shape; `x-should-retry: false`: routing has retried
+    what it could (the SDKs read the field). A stream, so that a client may stream it too."""
+    body = error_body(err, dialect)
+    headers = {
+        "content-type": "application/json", "content-length": str(len(body)),
+        "x-should-retry": "false", **err.headers,
+    }  # fmt: skip
+    return httpx2.Response(err.status, headers=headers, stream=httpx2.ByteStream(body))
+
+
+def _timeouts(call: Call, limit: float) -> dict[str, float | None]:
+    u = call.router.config.upstream
+    connect = min(u.connect_timeout_s, limit)
+    return {"connect": connect, "read": limit, "write": limit, "pool": u.pool_timeout_s}
+
+
+def _failure(exc: httpx2.TransportError) -> tuple[str, str]:
+    """(outcome, client-safe reason) for a transport error before the first byte."""
+    if isinstance(exc, httpx2.ConnectTimeout):
+        return TIMEOUT, "connect timed out"
+    if isinstance(exc, httpx2.TimeoutException):
+        return TIMEOUT, "timed out before the first byte"
+    if isinstance(exc, httpx2.ConnectError):
+        return CONNECT_ERROR, "connect failed"
+    if isinstance(exc, httpx2.RemoteProtocolError):
+        return CONNECT_ERROR, "connection closed before a response"
+    return CONNECT_ERROR, "connection error"
+
+
+def _refused(call: Call, attempt: Attempt, response: httpx2.Response) -> bool:
+    """A 5xx or 429 fails the attempt (the request moves on); True when it did."""
+    status = response.status_code
+    if status < 500 and status != 429:
+        return False
+    outcome = HTTP_429 if status == 429 else HTTP_5XX
+    blame = status in (502, 503, 504)  # broken; 429 is busy, 500 maybe this request
+    call.failed(attempt, outcome, f"HTTP {status}", blame, response.headers.get("retry-after"))
+    return True
+
+
+def _served(response: httpx2.Response, host: Host, stream: Any) -> httpx2.Response:
+    """The host's response, its body read through `stream`, naming the host (as the edge)."""
+    response.headers[SERVED_HEADER] = host.url
+    response.stream = stream
+    return response
+
+
+@functools.lru_cache(maxsize=4096)
+def _netloc(url: str) -> str:
+    return urlsplit(url).netloc
+
+
+@functools.lru_cache(maxsize=4096)
+def _url(host: str, target: str) -> httpx2.URL:
+    """A host's URL for a target, parsed once (targets repeat: a parse costs ~15 us)."""
+    return httpx2.URL(host + target)
+
+
+def _outbound(
+    request: httpx2.Request, call: Call, host: Host, headers: list[tuple[str, str]],
+    timeouts: dict[str, float | None],
+) -> httpx2.Request:  # fmt: skip
+    """The request for `host`: its URL, the client's fields (Content-Length included) and the
+    body's stream as they are (read once, replayed on a retry), no re-encoding."""
+    fields = [("Host", _netloc(host.url)), *headers]
+    return httpx2.Request(
+        request.method, _url(host.url, call.target), headers=fields, stream=request.stream,
+        extensions={"timeout": timeouts},
+    )  # fmt: skip
+
+
+class DirectTransport(httpx2.BaseTransport):
+    """Sync: routing runs in the calling thread (any number of them), under the router's lock."""
+
+    def __init__(self, settings: DirectSettings, inner: httpx2.BaseTransport | None = None):
+        self.router = Router(settings)
+        self.inner = inner or httpx2.HTTPTransport(
+            verify=_verify(settings), limits=_limits(settings), trust_env=False
+        )
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        path = request.url.raw_path.decode("ascii")
+        dialect = dialect_of(path)
+        body = request.read()
+        try:
+            call = self.router.call(path, request.headers, body)
+        except EdgeError as err:
+            return error_response(err, dialect)
+        headers = forward_headers(request.headers.multi_items())
+        found = self.open(call, request, headers)
+        return found if isinstance(found, httpx2.Response) else error_response(found, dialect)
+
+    def open(
+        self, call: Call, request: httpx2.Request, headers: list[tuple[str, str]]
+    ) -> httpx2.Response | Unavailable:
+        """The first attempt of `call` that answers; the 503 when none does."""
+        while True:
+            host = call.next()
+            if host is None:
+                wait = call.wait()
+                if wait is None:
+                    return call.unavailable()
+                time.sleep(wait)
+                continue
+            found = self._attempt(call, host, request, headers)
+            if found is not None:
+                return found
+
+    def _attempt(
+        self, call: Call, host: Host, request: httpx2.Request, headers: list[tuple[str, str]]
+    ) -> httpx2.Response | None:
+        attempt, limit = call.start(host)
+        timeouts = _timeouts(call, limit)
+        out = _outbound(request, call, host, headers, timeouts)
+        response: httpx2.Response | None = None
+        try:
+            response = self.inner.handle_request(out)
+            if _refused(call, attempt, response):
+                response.close()
+                return None
+            resume = _resumable(call, response, timeouts)
+            source = cast(httpx2.SyncByteStream, response.stream)
+            rest = iter(source)
+            first = next(rest, b"")
+        except httpx2.TransportError as exc:
+            if response is not None:
+                response.close()
+            outcome, reason = _failure(exc)
+            call.failed(attempt, outcome, reason, True, None)
+            return None
+        except BaseException:
+            if response is not None:
+                response.close()
+            call.cancel(attempt)
+            raise
+        call.answered(attempt)
+        body = _Body(call, attempt, first, rest, source)
+        if resume is not None:
+            body.resume, body.again = resume, (self, request, headers)
+        return _served(response, host, body)
+
+    def close(self) -> None:
+        self.router.close()
+        self.inner.close()
+
+    def __repr__(self) -> str:
+        return f"<DirectTransport {self.router!r}>"
+
+
+class _Body(httpx2.SyncByteStream):
+    """The host's body: the first chunk read already, then the rest; its end ends the attempt.
+    A continuable stream (`resume`) goes on from another host when it breaks."""
+
+    def __init__(
+        self, call: Call, attempt: Attempt, first: bytes, rest: Iterator[bytes],
+        source: httpx2.SyncByteStream,
+    ) -> None:  # fmt: skip
+        self.call, self.attempt, self.first, self.rest = call, attempt, first, rest
+        # The host's own stream: closing it returns the connection to the pool (the response
+        # it came in now reads through this object, so closing that would come back here).
+        self.source = source
+        self.resume: Resumable | None = None
+        # A continuable stream's way to continue: the transport, the request, its fields.
+        self.again: tuple[DirectTransport, httpx2.Request, list[tuple[str, str]]] | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.resume is not None:
+            yield from self._resumable(self.resume)
+            return
+        if self.first:
+            yield self.first
+        try:
+            yield from self.rest
+        except httpx2.TransportError:
+            self.call.finish(self.attempt, STREAM_ERROR)
+            raise
+        self.call.finish(self.attempt, OK)
+
+    def _resumable(self, resume: Resumable) -> Iterator[bytes]:
+        failure = None
+        try:
+            for piece in itertools.chain((self.first,), self.rest):
+                out = resume.take(piece)
+                if out is None:
+                    break  # an error event: held back while it may be replaced
+                if out:
+                    yield out
+            else:
+                self.call.finish(self.attempt, OK)
+                if tail := resume.held():
+                    yield tail
+                return
+        except httpx2.TransportError as exc:
+            failure = exc
+        self.call.finish(self.attempt, STREAM_ERROR)
+        self.source.close()
+        resume.tried.append(self.attempt.host)
+        held = resume.held()  # a half event (never passed on), or the error event
+        assert self.again is not None
+        if (yield from _continue_sync(*self.again, self.call, resume)):
+            return
+        if failure is not None:
+            raise failure
+        yield held  # the host's own error event, as it came: the stream ends with it
+
+    def close(self) -> None:
+        try:
+            self.source.close()
+        finally:
+            self.call.cancel(self.attempt)  # the client left before the end: no verdict
+
+
+def _resumable(
+    call: Call, response: httpx2.Response, timeouts: dict[str, float | None]
+) -> Resumable | None:
+    """A 200 stream that can be continued (`call.resumable`) and its read timeout: a silence
+    past upstream.stall_timeout_s is a break there, else upstream.idle_timeout_s. Set before the
+    body's first read: httpcore reads a body with the timeout it finds then."""
+    u = call.router.config.upstream
+    resume = call.resumable(response.headers) if response.status_code == 200 else None
+    timeouts["read"] = u.stall_timeout_s if resume is not None else u.idle_timeout_s
+    return resume
+
+
+def _again(
+    request: httpx2.Request, headers: list[tuple[str, str]], body: bytes
+) -> tuple[httpx2.Request, list[tuple[str, str]]]:
+    """The continuation's request (its new body) and its header fields."""
+    fields = [(k, v) for k, v in headers if k.lower() != "content-length"]
+    fields.append(("Content-Length", str(len(body))))
+    return httpx2.Request("POST", request.url, headers=fields, content=body), fields
+
+
+def _continue_sync(
+    transport: DirectTransport, request: httpx2.Request, headers: list[tuple[str, str]],
+    call: Call, resume: Resumable,
+) -> Generator[bytes, None, bool]:  # fmt: skip
+    """Continue a broken stream on other hosts (edge/direct/resume.py): yields the spliced
+    events; True when the stream ended whole."""
+    while (found := resume.next()) is not None:
+        if isinstance(found, bytes):
+            yield found  # the token limit ran out at the break: the stream's end
+            return True
+        had, body = found
+        again = call.again(resume.tried)
+        response = transport.open(again, *_again(request, headers, body))
+        if not isinstance(response, httpx2.Response):
+            return False
+        splice = Splice(had, resume.chat)
+        inner = cast(_Body, response.stream)
+        try:
+            if response.status_code != 200:
+                return False  # the host refused the continuation itself: none would do better
+            for piece in inner:
+                out = splice.feed(piece)
+                resume.kept(out)
+                if out:
+                    yield out
+                if splice.failed:  # the host's error event
+                    inner.call.finish(inner.attempt, STREAM_ERROR)
+                    break
+            else:
+                out, whole = ending(splice, resume)
+                if out:
+                    yield out
+                if whole:
+                    return True
+        except httpx2.TransportError:
+            pass  # the continuation broke too: its attempt ended (stream_error); again?
+        finally:
+            response.close()
+        resume.tried.append(inner.attempt.host)
+    return False
