@@ -3,9 +3,12 @@
 The source stays plain, mypy --strict typed Python; mypyc turns it into a C extension per module
 that runs the same code with native attribute access and direct calls, which takes about a third
 off the interpreter's work per request (loadtests/hotpath.py under callgrind). The modules that
-only set things up (app, cli, config, routing/discovery, routing/engines,
-access/redisconn, proxy/connections, dev/mock) stay interpreted: they gain nothing per request and
-keep their dynamic tests simple.
+only set things up (app, cli, config, routing/discovery, routing/engines, access/redisconn,
+proxy/connections, dev/mock) stay interpreted: they gain nothing per request and keep their
+dynamic tests simple. So does every package's `__init__`: mypyc gives a compiled one a wrong
+`__path__` (the package's folder twice), and a submodule imported before any compiled module had
+loaded the group was then not found (edge.direct's transports import `edge.dialects.errors`
+first; tests/direct/test_package.py).
 
 EDGE_PURE=1 builds the pure-Python package (no compiler needed), and so does a machine without a C
 compiler or the Python headers; `make` installs editable and pure, then compiles in place with
@@ -23,7 +26,6 @@ from setuptools import setup
 
 # Everything a proxied request runs through, in data-path order.
 HOT = (
-    "dialects/__init__",
     "dialects/errors",
     "http/server",
     "http/heads",
@@ -41,6 +43,7 @@ HOT = (
     "routing/fleet",
     "routing/health",
     "routing/plan",
+    "routing/admission",
     "routing/speaks",
     "routing/attempt",
     "routing/stats",

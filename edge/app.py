@@ -31,6 +31,7 @@ from edge import config as config_mod
 from edge.access.auth import build_gate
 from edge.config import Config, ServerSettings
 from edge.http.server import Limits, Server
+from edge.observe import tracing
 from edge.observe.accesslog import AccessLog
 from edge.observe.metrics import Metrics
 from edge.observe.metricshare import remove_shared
@@ -38,6 +39,7 @@ from edge.proxy.connections import make_pool, make_session
 from edge.proxy.exchange import Proxy
 from edge.proxy.forward import Forwarder
 from edge.proxy.handler import EdgeHandler, Lifecycle
+from edge.proxy.queueing import Queueing
 from edge.routing.attempt import Attempts
 from edge.routing.balance import Balancer
 from edge.routing.discovery import Discovery
@@ -79,16 +81,29 @@ class Worker:
         # Routing's helpers: engines' own /metrics (if configured), in-flight shared by workers.
         self.scraper = Scraper(config.routing, self.view, self.session)
         self.shared: SharedLoad | None = None
+        if config.admission.enabled:  # capacity per host, the queue at the edge
+            self._admission(config)
         self.gate = build_gate(config.auth, self.metrics.registry)  # None: passthrough
         if self.gate is not None and self.gate.upstream:
             self.forwarder.credentials = self.gate.upstream.for_host
         self.proxy = Proxy(
             self.view, self.forwarder, self.metrics, config.server, self.gate, self.access
         )
+        # [tracing]: this worker's span exporter (its own batch thread); None when off.
+        self.tracing = tracing.build(config.tracing)
+        self.proxy.tracer = self.tracing
         self.handler = EdgeHandler(self.proxy, self.life)
         self.web = Server(self.handler, limits(config.server))
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _admission(self, config: Config) -> None:
+        """[admission]: the queue waits on attempts' ends and learns from engines' readings."""
+        queueing = self.forwarder.queueing = Queueing(config.admission, lambda: self.view.fleet)
+        self.attempts.released = queueing.released
+        if config.admission.engine_metrics:
+            self.scraper.on_reading = queueing.engine
+        self.metrics.registry.register(queueing)
 
     async def start(self, sock: socket.socket) -> None:
         await self.discovery.refresh()
@@ -126,6 +141,8 @@ class Worker:
         self.speaks.reconfigure(fresh.dialects, fresh.routing.dialect_memory_s)
         self.scraper.settings = fresh.routing
         self.forwarder.settings = fresh.upstream
+        if self.forwarder.queueing is not None:  # turned on or off only by a restart
+            self.forwarder.queueing.configure(fresh.admission)
         self.health.reconfigure(fresh.health, fresh.outlier)
         self.prober.reconfigure(fresh.health)
         try:
@@ -155,6 +172,8 @@ class Worker:
             self.shared.close()
         self.metrics.share()  # this worker's last counts, for the sum the others report
         self.access.close()
+        if self.tracing is not None:  # the last spans exported (bounded by the export timeout)
+            await asyncio.to_thread(self.tracing.close)
         await self.pool.close()
         await self.session.close()
 

@@ -252,6 +252,74 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """[tracing]: OpenTelemetry spans of each request and attempt, exported over OTLP/HTTP
+    (protobuf) by a batch processor off the request's path (edge/observe/tracing.py). Off by
+    default; W3C trace context passes through either way. Unset values (-1, "", 0) fall back to
+    the standard OTEL_* variables, then to the SDK's defaults."""
+
+    enabled: bool = False
+    # Share of requests without a sampled parent that are traced (TraceIdRatioBased: decided
+    # from the trace id); -1: OTEL_TRACES_SAMPLER(_ARG), else 1.0.
+    sample_ratio: float = -1.0
+    # A client's sampled traceparent is traced whatever the ratio, an unsampled one not at all
+    # (parent-based, OpenTelemetry's default); false: the ratio decides from its trace id.
+    parent_based: bool = True
+    service_name: str = ""  # "": OTEL_SERVICE_NAME, else "edge"
+    # The collector's OTLP/HTTP base URL (http://collector:4318; /v1/traces is appended), else
+    # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4318.
+    endpoint: str = ""
+    # The batch processor's bounds (0: OTEL_BSP_*, else the SDK's 2048, 512, 5 s, 30 s): spans
+    # past a full queue are dropped, never waited for.
+    max_queue_size: int = 0
+    max_export_batch_size: int = 0
+    schedule_delay_s: float = 0.0
+    export_timeout_s: float = 0.0
+    # The drain waits this long at most for the last spans to be exported (a collector down
+    # must not hold a restart).
+    flush_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAdmission:
+    """Per-model overrides of [admission]; 0 keeps the [admission] value."""
+
+    capacity: int = 0  # requests each host of the model runs at once
+    queue_length: int = 0
+    deadline_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionSettings:
+    """[admission]: capacity per host, the queue at the edge, fair shares, priorities and
+    deadlines (edge/routing/admission.py). Off (today's behaviour) until a capacity is set."""
+
+    # server URL prefix ("*": all) -> requests each of those servers runs at once.
+    servers: Mapping[str, int] = field(default_factory=dict)
+    models: Mapping[str, ModelAdmission] = field(
+        default_factory=dict, metadata={"entry": ModelAdmission}
+    )
+    # Learn capacity from the engines' own /metrics (the servers routing.scrape names).
+    engine_metrics: bool = False
+    kv_full: float = 0.95  # an engine's KV-cache usage ratio taken as full
+    queue_length: int = 1000  # waiters per model
+    deadline_ms: int = 30000  # how long a request waits by default (X-Edge-Deadline-Ms)
+    max_deadline_ms: int = 300000
+    default_priority: int = 5  # 0..9 (X-Edge-Priority; low = 0, normal = 5, high = 9)
+    max_priority: int = 5  # the cap for a request whose key sets none
+    # workspace or key id -> its share of a saturated fleet (default 1): plans.
+    weights: Mapping[str, float] = field(default_factory=dict)
+    replicas: int = 1  # edge replicas sharing the fleet: each takes capacity // replicas
+    recheck_ms: int = 20  # queued requests re-check capacity (other workers' releases)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.servers or self.engine_metrics) or any(
+            m.capacity for m in self.models.values()
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerSettings = field(default_factory=ServerSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
@@ -262,6 +330,8 @@ class Config:
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     log: LogSettings = field(default_factory=LogSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     # model id -> server URLs named in the config file itself.
     static: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # server URL prefix -> the dialects those servers speak ([dialects]); others are learnt.
@@ -278,6 +348,8 @@ _SECTIONS: dict[str, type[Any]] = {
     "routing": RoutingSettings,
     "log": LogSettings,
     "metrics": MetricsSettings,
+    "tracing": TracingSettings,
+    "admission": AdmissionSettings,
 }
 
 
@@ -418,6 +490,8 @@ def validate(config: Config) -> None:
     ]
     checks += _observability_checks(config.log, config.metrics)
     checks += _failover_checks(config)
+    checks += _tracing_checks(config.tracing)
+    checks += _admission_checks(config.admission)
     for ok, message in checks + _auth_checks(config.auth) + _routing_checks(config.routing):
         if not ok:
             raise ConfigError(message)
@@ -468,6 +542,40 @@ def _routing_checks(r: RoutingSettings) -> list[tuple[bool, str]]:
         (0.0 <= r.hedge_budget <= 1.0, "routing.hedge_budget must be 0..1"),
         (r.hedge_min_delay_s >= 0, "routing.hedge_min_delay_s must be >= 0"),
         (all(p.input >= 0 and p.output >= 0 for p in prices), "routing prices must be >= 0"),
+    ]  # fmt: skip
+
+
+def _admission_checks(a: AdmissionSettings) -> list[tuple[bool, str]]:
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    weights = a.weights.values()
+    per_model = [v for m in a.models.values() for v in (m.capacity, m.queue_length, m.deadline_ms)]
+    return [
+        (all(count(v) for v in a.servers.values()),
+         "admission.servers maps server URL prefixes to capacities (integers >= 0)"),
+        (all(v >= 0 for v in per_model), "admission.models.* values must be >= 0"),
+        (all(_price(w) and w > 0 for w in weights), "admission.weights must be numbers > 0"),
+        (0 < a.kv_full <= 1, "admission.kv_full must be within (0, 1]"),
+        (a.queue_length >= 0, "admission.queue_length must be >= 0"),
+        (0 < a.deadline_ms <= a.max_deadline_ms,
+         "admission: 0 < deadline_ms <= max_deadline_ms"),
+        (0 <= a.default_priority <= 9 and 0 <= a.max_priority <= 9,
+         "admission.default_priority and max_priority must be 0..9"),
+        (a.replicas >= 1, "admission.replicas must be >= 1"),
+        (a.recheck_ms >= 1, "admission.recheck_ms must be >= 1"),
+    ]  # fmt: skip
+
+
+def _tracing_checks(t: TracingSettings) -> list[tuple[bool, str]]:
+    bounds = (t.max_queue_size, t.max_export_batch_size, t.schedule_delay_s, t.export_timeout_s)
+    return [
+        (t.sample_ratio == -1.0 or 0.0 <= t.sample_ratio <= 1.0,
+         "tracing.sample_ratio must be within [0, 1] (or -1: OTEL_TRACES_SAMPLER_ARG)"),
+        (all(v >= 0 for v in bounds), "tracing queue, batch and delays must be >= 0"),
+        (t.flush_timeout_s > 0, "tracing.flush_timeout_s must be > 0"),
+        (not t.endpoint or t.endpoint.startswith(("http://", "https://")),
+         "tracing.endpoint must be an http:// or https:// URL (OTLP/HTTP)"),
     ]  # fmt: skip
 
 

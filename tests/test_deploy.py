@@ -162,6 +162,18 @@ def test_compose_mocks_serve_what_the_edge_expects() -> None:
             assert f"127.0.0.1:{args.port}/health" in " ".join(mock["healthcheck"]["test"])
 
 
+def test_compose_edge_sends_traces_to_jaeger() -> None:
+    _, config, edge = compose_edge()
+    services = compose()
+    assert config.tracing.enabled and not config.tracing.endpoint  # the variable's, below
+    endpoint = urlsplit(edge["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    jaeger = services[str(endpoint.hostname)]
+    assert jaeger["image"].startswith("jaegertracing/all-in-one:")
+    assert jaeger["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert endpoint.port == 4318 and "4318:4318" in jaeger["ports"]  # OTLP over HTTP
+    assert "jaeger" in edge["depends_on"]
+
+
 def test_compose_prometheus_scrapes_the_edge() -> None:
     prometheus = compose()["prometheus"]
     flag = next(a for a in prometheus["command"] if a.startswith("--config.file="))

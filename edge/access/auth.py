@@ -57,6 +57,10 @@ class Principal:
     workspace: str  # "" = not scoped: /v1/... only; /api/{id}/v1/... needs the key's workspace
     models: frozenset[str]  # empty = every model
     limits: Limits
+    # Admission (edge/proxy/queueing.py): default priority, its cap (-1: the config's), weight.
+    priority: int = -1
+    max_priority: int = -1
+    weight: float = 0.0
 
 
 def client_key(request: Request) -> str | None:
@@ -110,7 +114,10 @@ class Keyring:
 
 
 def _principal(r: KeyRecord) -> Principal:
-    return Principal(r.id, r.name, r.workspace, frozenset(r.models), r.limits)
+    return Principal(
+        r.id, r.name, r.workspace, frozenset(r.models), r.limits, r.priority, r.max_priority,
+        r.weight,
+    )  # fmt: skip
 
 
 _HEADER_FOR = {ANTHROPIC: "x-api-key", GEMINI: "x-goog-api-key"}

@@ -69,6 +69,11 @@ class KeyRecord:
     limits: Limits = field(default_factory=Limits)
     created: float = 0.0
     revoked: float | None = None
+    # Admission ([admission], edge/routing/admission.py): the key's default priority and the
+    # most X-Edge-Priority may ask (-1: the config's), its weight in a saturated fleet (0: 1).
+    priority: int = -1
+    max_priority: int = -1
+    weight: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -274,6 +279,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     create.add_argument("--models", default="", help="comma-separated; default every model")
     for limit in ("rpm", "tpm", "concurrency"):
         create.add_argument(f"--{limit}", type=_non_negative, default=0, help="0 = unlimited")
+    create.add_argument("--priority", type=_priority, default=-1, help="default priority 0..9")
+    create.add_argument(
+        "--max-priority", type=_priority, default=-1, help="highest X-Edge-Priority, 0..9"
+    )
+    create.add_argument("--weight", type=float, default=0.0, help="fair share weight (plans)")
     listing = actions.add_parser("list", help="list keys (never the keys themselves)")
     listing.add_argument("--json", action="store_true")
     revoke = actions.add_parser("revoke", help="revoke a key by id")
@@ -287,6 +297,13 @@ def _non_negative(raw: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {raw!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _priority(raw: str) -> int:
+    value = _non_negative(raw)
+    if value > 9:
+        raise argparse.ArgumentTypeError("must be 0..9")
     return value
 
 
@@ -320,14 +337,19 @@ def run(args: argparse.Namespace) -> int:
 
 def create_key(
     backend: Backend, name: str, workspace: str = "", models: tuple[str, ...] = (),
-    limits: Limits = Limits(),
+    limits: Limits = Limits(), priority: int = -1, max_priority: int = -1, weight: float = 0.0,
 ) -> tuple[KeyRecord, str]:  # fmt: skip
     """Store a new key's record; the key itself is returned once and kept nowhere."""
     if workspace and not WORKSPACE.fullmatch(workspace):
         raise ConfigError("the workspace must be 24 lower-case hex characters")
     kid, key = new_key(backend.records())
     created = round(time.time(), 3)
-    record = KeyRecord(kid, name, digest(key).hex(), workspace, models, limits, created)
+    if weight < 0:
+        raise ConfigError("the weight must be >= 0")
+    record = KeyRecord(
+        kid, name, digest(key).hex(), workspace, models, limits, created, None, priority,
+        max_priority, weight,
+    )  # fmt: skip
     backend.put(record)
     return record, key
 
@@ -335,7 +357,10 @@ def create_key(
 def _create(backend: Backend, args: argparse.Namespace) -> int:
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     limits = Limits(args.rpm, args.tpm, args.concurrency)
-    record, key = create_key(backend, args.name, args.workspace, models, limits)
+    record, key = create_key(
+        backend, args.name, args.workspace, models, limits, args.priority, args.max_priority,
+        args.weight,
+    )  # fmt: skip
     print(key, flush=True)
     print(f"created key {record.id} ({args.name}); it is shown once, store it now", file=sys.stderr)
     return 0

@@ -1,9 +1,11 @@
 """The access log: one JSON line per proxied request, off by default.
 
 A line holds what the final observation already measured (model, server, route, status, outcome,
-attempts, time to first byte, duration, tokens, bytes, affinity) plus the request id and the
-client's address. Never a header, a query string, a body or an answer: an API key, a prompt or
-an output cannot reach the log because nothing that could carry one is handed to it.
+attempts, time to first byte, duration, tokens, bytes, affinity) plus the request id, the
+client's address and the W3C trace id (the client's `traceparent`'s, or the one the edge started
+for a traced request; null without either). Never a header, a query string, a body or an
+answer: an API key, a prompt or an output cannot reach the log because nothing that could carry
+one is handed to it.
 
 Lines are buffered and written with one `os.write` per batch of whole lines, each at most
 PIPE_BUF bytes, so workers appending to one file or one stdout pipe never interleave half lines.
@@ -44,16 +46,18 @@ class AccessLog:
 
     def write(
         self, obs: RequestRecord, request_id: str, client: str | None, asked: str,
-        key: KeyUse | None = None,
+        key: KeyUse | None = None, trace_id: str | None = None,
     ) -> None:  # fmt: skip
         """One line for a request just answered. `asked` is the model name the client sent;
-        `key` is the (short key id, workspace, cost) of a request the edge checked a key for."""
+        `key` is the (short key id, workspace, cost) of a request the edge checked a key for;
+        `trace_id` the request's W3C trace id, when it has one."""
         if not self.enabled:
             return
         if obs.status < 400 and self.sample_rate < 1.0 and random.random() >= self.sample_rate:
             self.sampled_out += 1
             return
-        line = orjson.dumps(_record(obs, request_id, client, asked, key), option=_OPTIONS)
+        fields = _record(obs, request_id, client, asked, key, trace_id)
+        line = orjson.dumps(fields, option=_OPTIONS)
         self._lines.append(line)
         self._size += len(line)
         self.written += 1
@@ -135,13 +139,15 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def _record(
-    obs: RequestRecord, request_id: str, client: str | None, asked: str, key: KeyUse | None
-) -> dict[str, Any]:
+    obs: RequestRecord, request_id: str, client: str | None, asked: str, key: KeyUse | None,
+    trace_id: str | None,
+) -> dict[str, Any]:  # fmt: skip
     usage = obs.usage
     key_id, workspace, cost = key if key is not None else (None, None, None)
     line = {
         "time": datetime.now(UTC),
         "request_id": request_id,
+        "trace_id": trace_id,
         "client": client,
         "model": obs.model or asked[:_MODEL_MAX],
         "known_model": bool(obs.model),

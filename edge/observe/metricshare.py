@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 # How each gauge is merged over workers; any other gauge takes the maximum.
 GAUGE_MERGE = {
     "edge_inflight_requests": "sum",
+    "edge_queue_length": "sum",  # each worker queues its own requests
     "edge_server_up": "mean",  # the share of workers that consider the server up
     "edge_server_score_seconds": "mean",
 }

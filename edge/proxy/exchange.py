@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextvars import Token
 
 from edge.access.auth import Admission, Gate, Principal
 from edge.config import ServerSettings
@@ -23,6 +24,8 @@ from edge.http.server import Reply, Request
 from edge.observe.accesslog import AccessLog, KeyUse
 from edge.observe.metrics import Metrics
 from edge.observe.record import RequestRecord, Usage
+from edge.observe.tracecontext import incoming
+from edge.observe.tracing import CURRENT, RequestTrace, Tracing
 from edge.proxy.fallback import CONTEXT_LENGTH, REFUSALS, UNAVAILABLE, fallback_models, too_long
 from edge.proxy.forward import Forwarder, Upstream
 from edge.proxy.outbound import RequestIds, upstream_headers
@@ -35,12 +38,17 @@ from edge.routing.fleet import FleetView, Host
 JSON = "application/json"
 
 
-def error_reply(err: EdgeError, dialect: str, rid: str | None = None) -> Reply:
-    """An EdgeError as a whole reply: its status, its headers, its body in `dialect`'s shape."""
+def error_reply(
+    err: EdgeError, dialect: str, rid: str | None = None, trace_id: str | None = None,
+    traced: bytes = b"",
+) -> Reply:  # fmt: skip
+    """An EdgeError as a whole reply: its status, its headers, its body in `dialect`'s shape
+    (with the request's trace id when it has one; `traced`: the traceresponse field)."""
     fields = list(err.headers.items()) if err.headers else []
     if rid:
         fields.append(("X-Request-ID", rid))
-    return Reply(error_body(err, dialect), err.status, JSON, render(fields))
+    body = error_body(err, dialect, trace_id)
+    return Reply(body, err.status, JSON, render(fields) + traced)
 
 
 class Proxy:
@@ -64,6 +72,8 @@ class Proxy:
         self.access = access
         self.request_id = RequestIds()
         self.cookie: tuple[str | None, bytes] = (None, b"")  # the last Set-Cookie, rendered
+        # [tracing] on (set by app.Worker): spans of the sampled requests; None costs one check.
+        self.tracer: Tracing | None = None
 
     async def __call__(self, request: Request) -> None:
         await Exchange(self, request).run()
@@ -77,7 +87,7 @@ class Exchange:
 
     __slots__ = (
         "proxy", "request", "rid", "started", "model", "asked", "route", "bytes_in", "sent_at",
-        "principal", "adm", "status", "usage",
+        "principal", "adm", "status", "usage", "trace",
     )  # fmt: skip
 
     def __init__(self, proxy: Proxy, request: Request) -> None:
@@ -94,8 +104,15 @@ class Exchange:
         self.adm: Admission | None = None
         self.status = 499  # until answered: nginx's code for a client that left first
         self.usage: Usage | None = None
+        self.trace: RequestTrace | None = None  # set in `run` when the request is traced
 
     async def run(self) -> None:
+        token: Token[RequestTrace | None] | None = None
+        tracer = self.proxy.tracer
+        if tracer is not None:  # [tracing] on: sampled or not, decided once, here
+            self.trace = tracer.begin(self.request, self.rid, self.started)
+            if self.trace is not None:  # its attempts and waits find it (this task only)
+                token = CURRENT.set(self.trace)
         try:
             up, preq, decision = await self._open()
             try:
@@ -116,6 +133,8 @@ class Exchange:
         finally:
             if self.adm is not None and self.proxy.gate is not None:
                 self.proxy.gate.release(self.adm, self.model, self.status, self.usage)
+            if token is not None:  # a pipelined request's task is made from this context
+                CURRENT.reset(token)
 
     async def _open(self) -> tuple[Upstream, ProxyRequest, Decision]:
         """Everything before the first byte: the key (checked before the body is read: no 32 MB
@@ -130,11 +149,25 @@ class Exchange:
         self.model = preq.model
         # Routing (edge/routing/balance.py): policy, X-Edge-Server pin (400 if unknown), affinity.
         decision = proxy.balancer.decide(preq.model, hosts, preq.doc, request.headers)
+        trace = self.trace
         if gate is not None:
+            admitting = time.monotonic() if trace is not None else 0.0
             self.adm = await gate.admit(self.principal, preq, hosts)
+            if trace is not None:  # the key's limits: a round trip to Redis when shared
+                shared = {"edge.limits.shared": gate.link is not None}
+                trace.child("edge.admission", admitting, time.monotonic(), shared)
         adm = self.adm
-        headers = upstream_headers(request, self.rid, adm.upstream if adm is not None else None)
+        keys = adm.upstream if adm is not None else None
+        headers = upstream_headers(request, self.rid, keys, trace is not None)
         self.sent_at = time.monotonic()
+        queueing = proxy.forwarder.queueing
+        if queueing is not None:  # [admission]: wait for a slot, nothing sent (queueing.py)
+            # After sent_at: a wait for the fleet is not the edge's overhead.
+            ticket = queueing.ticket(request, self.principal, preq.workspace, preq.model)
+            await queueing.wait(preq.model, hosts, ticket)
+            if trace is not None:  # the wait for a slot, as its own span (0 s when none)
+                queued = {"edge.queue.priority": ticket.priority}
+                trace.child("edge.queue", self.sent_at, time.monotonic(), queued)
         # Nothing is awaited inside an `except` block: compiled by mypyc, a coroutine suspended
         # there leaves its exception current for the whole loop (edge/proxy/relay.py says more).
         try:
@@ -237,6 +270,8 @@ class Exchange:
             extra += render(self.adm.headers.items())
         if self.model != self.asked:  # a fallback model answered (only then: no bytes added)
             extra += render([("X-Edge-Model", self.model)])
+        if self.trace is not None:  # the span this answer belongs to (W3C traceresponse)
+            extra += self.trace.traceresponse
         return extra
 
     def _record(self, up: Upstream, preq: ProxyRequest, decision: Decision, done: Relayed) -> None:
@@ -267,8 +302,10 @@ class Exchange:
                 upstream_s=now - self.sent_at if self.sent_at else 0.0,
             )
         )  # fmt: skip
-        request = self.request
-        request.conn.reply(request, error_reply(err, dialect_of(request.path), self.rid))
+        request, trace = self.request, self.trace
+        traced = trace.traceresponse if trace is not None else b""
+        reply = error_reply(err, dialect_of(request.path), self.rid, self._trace_id(), traced)
+        request.conn.reply(request, reply)
 
     def _abandoned(self) -> None:
         now = time.monotonic()
@@ -280,11 +317,24 @@ class Exchange:
         )  # fmt: skip
 
     def _write(self, record: RequestRecord) -> None:
-        """The request's record: metrics and the access log."""
+        """The request's record: metrics, the access log and, when traced, the spans."""
         proxy = self.proxy
         proxy.metrics.finished(record)
         if proxy.access.enabled:
-            proxy.access.write(record, self.rid, self.request.remote, self.asked, self._key_use())
+            request = self.request
+            key, trace_id = self._key_use(), self._trace_id()
+            proxy.access.write(record, self.rid, request.remote, self.asked, key, trace_id)
+        if self.trace is not None:
+            dialect = dialect_of(self.request.path)
+            self.trace.finish(record, self.asked, dialect, self._key_use())
+
+    def _trace_id(self) -> str | None:
+        """The request's W3C trace id: its trace's, else the client's traceparent's (read only
+        now: nobody asked for it before)."""
+        if self.trace is not None:
+            return self.trace.trace_id
+        parent = incoming(self.request.headers)
+        return parent.trace_id if parent is not None else None
 
     def _key_use(self) -> KeyUse | None:
         """For the access log: which key (its short id), its workspace, and what it cost."""

@@ -32,6 +32,8 @@ from edge.http.client import (
 )
 from edge.http.heads import render, retry_after_s
 from edge.observe.metrics import Metrics
+from edge.observe.tracing import CURRENT
+from edge.proxy.queueing import Queueing
 from edge.proxy.route import ProxyRequest
 from edge.proxy.translate import TARGET, Translation
 from edge.routing.attempt import (
@@ -213,6 +215,8 @@ class Forwarder:
         self.budget = RetryBudget(s.retry_ratio, s.retry_window_s, s.retry_min_per_s)
         self._tuned: UpstreamSettings | None = None
         self._timeouts: dict[str, _Timeouts] = {}
+        # [admission]: capacity per host and the queue at the edge; None (off) costs one check.
+        self.queueing: Queueing | None = None
 
     async def open(
         self,
@@ -225,10 +229,14 @@ class Forwarder:
         """The first attempt that opens; Unavailable when none does. The caller hands the
         result to `done` in a `finally` (a plain call: a context manager per request costs
         more than everything this method does on the happy path). `avoid`: hosts not to try
-        (a continuation's: their streams broke); the first attempt is then a retry."""
+        (a continuation's: their streams broke); the first attempt is then a retry. With
+        [admission] on, the caller waited for a slot first (`queueing.wait`), and the plan
+        skips hosts at capacity while another has room."""
         if self.settings is not self._tuned:
             self._tune()
         plan = Plan(preq.model, hosts, decision, self.balancer, self.budget)
+        if self.queueing is not None:  # off: this one check
+            plan.capacity = self.queueing.capacity
         if avoid:
             plan.tried.extend(avoid)
         foreign = None
@@ -363,6 +371,12 @@ class Forwarder:
             target, body, headers = TARGET, translation.body, foreign.translated_headers()
         keys = self._keys(OPENAI if translation is not None else preq.dialect, host)
         attempt = self.attempts.start(host, preq.model)
+        # A traced request (edge/observe/tracing.py): the host gets a traceparent whose parent
+        # is this attempt's span. Untraced: one context-variable read.
+        trace = CURRENT.get()
+        span = trace.attempt(attempt) if trace is not None else None
+        traced = span.header if span is not None else b""
+        keys += traced
         response: UpstreamResponse | None = None
         try:
             response = await self.pool.post(
@@ -376,7 +390,7 @@ class Forwarder:
                     response.close()
                     response = None
                     translation = foreign.translation()
-                    keys = self._keys(OPENAI, host)
+                    keys = self._keys(OPENAI, host) + traced
                     response = await self.pool.post(
                         host.url, TARGET, foreign.translated_headers() + keys, translation.body,
                         first_byte_s, t.connect_s,
@@ -384,6 +398,8 @@ class Forwarder:
             if t.total_s:
                 response.set_deadline(max(0.0, t.total_s - (time.monotonic() - attempt.started)))
             status = response.status
+            if span is not None:
+                span.status = status
             if status >= 500 or status == 429:
                 # 502/503/504 say the host is broken; 429 (busy) and 500 (maybe this request)
                 # move the request on without counting against the host.

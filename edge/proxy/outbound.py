@@ -1,10 +1,17 @@
 """What the edge adds to a proxied request on its way upstream: the request id, the client's
-end-to-end header fields (hop-by-hop and client keys dropped), X-Forwarded-*."""
+end-to-end header fields (hop-by-hop and client keys dropped), X-Forwarded-*.
+
+W3C trace context: the client's `traceparent` and `tracestate` go upstream as they came, so an
+engine that traces joins the client's trace, unless the edge traces the request itself
+(`traced`): then both are left out here and each attempt adds its own `traceparent`, whose
+parent is the attempt's span, with the client's `tracestate` (edge/observe/tracing.py).
+"""
 
 from __future__ import annotations
 
 import itertools
 import os
+from typing import Final
 
 from edge.http.heads import HOP_BY_HOP, render
 from edge.http.server import Request
@@ -18,19 +25,31 @@ _REQUEST_OWNED = frozenset(
 _CLIENT_KEYS = frozenset({"authorization", "x-api-key", "x-goog-api-key"})
 _DROP_UP = frozenset(n.encode() for n in HOP_BY_HOP | _REQUEST_OWNED)
 _DROP_UP_KEYED = _DROP_UP | frozenset(n.encode() for n in _CLIENT_KEYS)
+_TRACE_CONTEXT = frozenset({b"traceparent", b"tracestate"})  # a traced request's: per attempt
+# The memo's key for each kind of block -> the client's fields it leaves out.
+_DROPS: Final[dict[str, frozenset[bytes]]] = {
+    "upstream": _DROP_UP, "upstream-keyed": _DROP_UP_KEYED,
+    "upstream-traced": _DROP_UP | _TRACE_CONTEXT,
+    "upstream-keyed-traced": _DROP_UP_KEYED | _TRACE_CONTEXT,
+}  # fmt: skip
 
 
 def upstream_headers(
-    request: Request, request_id: str, credentials: list[tuple[str, str]] | None = None
-) -> bytes:
+    request: Request, request_id: str, credentials: list[tuple[str, str]] | None = None,
+    traced: bool = False,
+) -> bytes:  # fmt: skip
     """The header block sent upstream (llhttp refused any CR, LF or line fold in the client's).
     `credentials` None passes the client's key on (passthrough); a list (maybe empty) replaces
-    every client key header with it (the edge checked the key itself)."""
+    every client key header with it (the edge checked the key itself). `traced`: the edge
+    traces this request, and each attempt sends its own trace context."""
     memo = request.fields.memo  # shared by the requests that sent the same fields
-    mode = "upstream" if credentials is None else "upstream-keyed"
+    if not traced:
+        mode = "upstream" if credentials is None else "upstream-keyed"
+    else:
+        mode = "upstream-traced" if credentials is None else "upstream-keyed-traced"
     kept = memo.get(mode)
     if kept is None:
-        kept = memo[mode] = _end_to_end(request, credentials is not None)
+        kept = memo[mode] = _end_to_end(request, _DROPS[mode])
     prior = request.headers.get("X-Forwarded-For")
     peer = request.remote
     forwarded = f"{prior}, {peer}" if prior else peer
@@ -44,9 +63,8 @@ def upstream_headers(
     return block
 
 
-def _end_to_end(request: Request, keyed: bool) -> bytes:
+def _end_to_end(request: Request, drop: frozenset[bytes]) -> bytes:
     """The client's fields that go upstream as they came: not hop-by-hop, not the edge's own."""
-    drop = _DROP_UP_KEYED if keyed else _DROP_UP
     listed = request.headers.get("Connection")
     if listed:
         drop = drop | {t.strip().lower().encode() for t in listed.split(",")}

@@ -106,7 +106,7 @@ class Attempts:
     """Starts attempts and reads each ended one into the host, health, statistics and the
     listeners (one per worker)."""
 
-    __slots__ = ("health", "listener", "started", "clock")
+    __slots__ = ("health", "listener", "started", "clock", "released")
 
     def __init__(
         self,
@@ -118,6 +118,9 @@ class Attempts:
         self.listener = listener  # metrics: edge_upstream_attempts_total
         self.clock = clock
         self.started = 0
+        # Admission's hook (edge/proxy/queueing.py): every end, cancelled ones too, frees a slot
+        # on the host for a queued request. None unless [admission] sets a capacity.
+        self.released: Callable[[Attempt], None] | None = None
 
     def start(self, host: Host, model: str) -> Attempt:
         """An attempt on `host` begins now (a trial when the host is out of rotation)."""
@@ -130,6 +133,8 @@ class Attempts:
     def ended(self, attempt: Attempt) -> None:
         host, outcome = attempt.host, attempt.outcome
         stats = host.stats
+        if self.released is not None:
+            self.released(attempt)
         if outcome == CANCELLED:
             self.health.released(host)
             return

@@ -2,10 +2,11 @@
 
 The edge only knows its own in-flight requests; a server shared with other clients (or other
 edges) may have a queue the edge never sees. vLLM, SGLang and llama.cpp publish theirs, and the
-balancer adds the queue depth to its load term (balance.py). Scraping is optional and chosen per
-server URL prefix (`routing.scrape`); anything that is not one of the known formats, or does not
-answer, changes nothing. A reading expires after three periods, so a server that stops
-answering its /metrics does not keep a stale queue forever.
+balancer adds the queue depth to its load term (balance.py); with `[admission] engine_metrics`
+each reading also teaches the host's capacity (admission.py's `Capacity.engine`). Scraping is
+optional and chosen per server URL prefix (`routing.scrape`); anything that is not one of the
+known formats, or does not answer, changes nothing. A reading expires after three periods, so a
+server that stops answering its /metrics does not keep a stale queue forever.
 """
 
 from __future__ import annotations
@@ -108,6 +109,9 @@ class Scraper:
         self.clock = clock
         self.scrapes = 0
         self.readings = 0  # scrapes that found a known format
+        # Admission's hook: each reading, so that an engine's queue teaches a host's capacity
+        # (edge/routing/admission.py); None when [admission] engine_metrics is off.
+        self.on_reading: Callable[[Host, EngineLoad], None] | None = None
 
     def targets(self) -> list[Host]:
         prefixes = self.settings.scrape
@@ -139,6 +143,8 @@ class Scraper:
         stats.engine_queue, stats.engine_running = reading.queue, reading.running
         stats.engine_kv = reading.kv if reading.kv is not None else 0.0
         stats.engine_until = self.clock() + 3 * self.settings.scrape_interval_s
+        if self.on_reading is not None:
+            self.on_reading(host, reading)
         return True
 
     async def run(self) -> None:

@@ -29,6 +29,7 @@ import time
 from collections.abc import Collection, Sequence
 
 from edge.errors import Unavailable
+from edge.routing.admission import Capacity
 from edge.routing.balance import Balancer, Decision
 from edge.routing.fleet import UP, Host
 from edge.routing.health import RetryBudget, candidates, fallback, why
@@ -39,7 +40,7 @@ class Plan:
 
     __slots__ = (
         "model", "hosts", "decision", "balancer", "budget", "tried", "reasons", "denied",
-        "waited", "_trialled", "_free", "_due", "_due_until",
+        "waited", "_trialled", "_free", "_due", "_due_until", "capacity",
     )  # fmt: skip
 
     def __init__(
@@ -63,6 +64,8 @@ class Plan:
         self._free = False  # the last attempt sent nothing (a full pool): the next is no retry
         self._due: Host | None = None  # the held host the last `wait` was for
         self._due_until = 0.0  # ... and the end of its hold then (a later hold extends it)
+        # [admission]: hosts at capacity are skipped while another has room (set by the caller).
+        self.capacity: Capacity | None = None
         budget.deposit()
 
     def next(self) -> Host | None:
@@ -86,11 +89,28 @@ class Plan:
                     return None  # a pin waits for its own host (`wait`), never another
                 exclude = [*self.tried, target]  # held since affinity chose it
         pool = candidates(self.model, self.hosts, self.tried)
+        if self.capacity is not None:
+            pool, exclude = self._room(self.capacity, pool, exclude)
         host = self.balancer.pick(pool, exclude, decision)
         if host is None and not self._trialled and not (decision and decision.pinned):
             host = fallback(self.hosts, self.tried)
             self._trialled = host is not None
         return host
+
+    def _room(
+        self, capacity: Capacity, pool: Sequence[Host], exclude: Collection[Host]
+    ) -> tuple[Sequence[Host], Collection[Host]]:
+        """Only the hosts below their capacity, while there is one (else all: the queue let
+        this request through, or it is a retry); an affine target that is full is passed over
+        like a held one. A pin goes to its host whatever its load."""
+        roomy = capacity.room(self.model, pool)
+        if not roomy:
+            return pool, exclude
+        decision = self.decision
+        if decision is not None and (target := decision.target) is not None:
+            if not decision.pinned and not capacity.has_room(target, self.model):
+                exclude = [*exclude, target]
+        return roomy, exclude
 
     def _resume(self) -> Host | None:
         """The host the last `wait` was for, unless it was held again since or left rotation.

@@ -22,8 +22,8 @@ from tests.procs import Procs, free_port
 SECRET_KEY = "sk-live-SECRETKEY-7f3a9c"
 SECRET_PROMPT = "the vault combination is PROMPT-SECRET-4410"
 FIELDS = {
-    "time", "request_id", "client", "model", "known_model", "server", "route", "status",
-    "outcome", "attempts", "ttfb_ms", "duration_ms", "prompt_tokens", "completion_tokens",
+    "time", "request_id", "trace_id", "client", "model", "known_model", "server", "route",
+    "status", "outcome", "attempts", "ttfb_ms", "duration_ms", "prompt_tokens", "completion_tokens",
     "bytes_in", "bytes_out", "affinity", "key_id", "workspace", "cost",
 }  # fmt: skip
 

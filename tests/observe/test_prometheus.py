@@ -165,6 +165,7 @@ async def prometheus(tmp_path: Path, start_mock, start_edge) -> AsyncIterator[An
     edge = await start_edge(
         {"m-chat": [a, b, dead], "m-dead": [dead]},
         health__interval_s=0.2, health__unhealthy_threshold=1,
+        admission__servers={"*": 64},  # the Queueing row's series exist (nothing waits)
     )  # fmt: skip
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s", scrape_timeout="1s")
