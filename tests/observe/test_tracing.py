@@ -353,7 +353,5 @@ async def test_a_queued_request_shows_its_wait_as_a_queue_span(receiver, start_m
     second = max(queues, key=lambda q: q.end_ns - q.start_ns)
     assert second.attributes["edge.queue.priority"] == 4
     # Its attempt started when the wait ended, not before.
-    attempt = next(
-        s for s in spans if s.kind == "client" and s.parent_id == second.parent_id
-    )
+    attempt = next(s for s in spans if s.kind == "client" and s.parent_id == second.parent_id)
     assert attempt.start_ns >= second.end_ns - 1_000_000
