@@ -26,6 +26,7 @@ from setuptools import setup
 
 # Everything a proxied request runs through, in data-path order.
 HOT = (
+    "dialects/paths",
     "dialects/errors",
     "http/server",
     "http/heads",

@@ -31,7 +31,7 @@ from edge.access.metering import UsageMeter
 from edge.access.ratelimit import Grant, LocalLimiter, RedisLimiter
 from edge.access.redisconn import RedisLink
 from edge.config import AuthSettings, ConfigError
-from edge.dialects import ANTHROPIC, GEMINI
+from edge.dialects.paths import ANTHROPIC, GEMINI
 from edge.errors import Forbidden, TooManyRequests, Unauthorized, Unavailable
 from edge.http.server import Reply, Request
 from edge.observe.record import Usage

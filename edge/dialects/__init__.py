@@ -7,39 +7,6 @@ themselves are in `edge.dialects.errors`; both sit below the HTTP server, the pr
 
 from __future__ import annotations
 
-import re
-from typing import Final
+from edge.dialects.paths import ANTHROPIC, GEMINI, OPENAI, dialect_of, is_gemini, split_workspace
 
-OPENAI: Final = "openai"
-ANTHROPIC: Final = "anthropic"
-GEMINI: Final = "gemini"
-
-_WORKSPACE_ID = re.compile(r"[0-9a-f]{24}")  # Liara's workspace ids
-
-
-def split_workspace(path: str) -> tuple[str, str]:
-    """(workspace id, the plain path) for `/api/{24 hex}/v1...` paths; ("", path) otherwise."""
-    if path.startswith("/api/") and path.startswith("/v1", 29):
-        workspace = path[5:29]
-        if _WORKSPACE_ID.fullmatch(workspace):
-            return workspace, path[29:]
-    return "", path
-
-
-def is_gemini(path: str) -> bool:
-    """Gemini's paths: /v1beta/models/{model}:{method}, and /v1/models/{model}:{method} (the
-    google-genai SDK's default API version since 2.0; OpenAI's /v1/models/{id} has no colon)."""
-    if path.startswith("/v1beta/"):
-        return True
-    return path.startswith("/v1/models/") and ":" in path.rpartition("/")[2]
-
-
-def dialect_of(path: str) -> str:
-    """Which API's error shape a path speaks, decided from the path alone."""
-    if path.startswith("/api/"):
-        path = split_workspace(path)[1]
-    if is_gemini(path):
-        return GEMINI
-    if path == "/v1/messages" or path.startswith("/v1/messages/"):
-        return ANTHROPIC
-    return OPENAI
+__all__ = ["ANTHROPIC", "GEMINI", "OPENAI", "dialect_of", "is_gemini", "split_workspace"]

@@ -31,8 +31,8 @@ from typing import Any, Final
 
 import orjson
 
-from edge.dialects import ANTHROPIC
 from edge.dialects.errors import STREAM_FAILED, error_event
+from edge.dialects.paths import ANTHROPIC
 from edge.errors import BadRequest
 
 MAX_LINE: Final = 1 << 20  # the longest upstream SSE line held while it completes

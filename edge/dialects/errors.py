@@ -17,7 +17,7 @@ from typing import Final
 
 import orjson
 
-from edge.dialects import ANTHROPIC, GEMINI
+from edge.dialects.paths import ANTHROPIC, GEMINI
 from edge.errors import EdgeError
 
 _GOOGLE_STATUS: Final = {

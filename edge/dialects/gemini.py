@@ -27,8 +27,8 @@ from typing import Any, Final, TypeVar
 
 import orjson
 
-from edge.dialects import GEMINI
 from edge.dialects.errors import STREAM_FAILED, error_event
+from edge.dialects.paths import GEMINI
 from edge.errors import BadRequest
 
 MAX_LINE: Final = 1 << 20  # one upstream SSE line, kept until its newline comes

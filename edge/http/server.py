@@ -59,8 +59,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import httptools
 from multidict import CIMultiDict
 
-from edge.dialects import OPENAI, dialect_of
 from edge.dialects.errors import error_json
+from edge.dialects.paths import OPENAI, dialect_of
 from edge.errors import BadRequest, EdgeError, PayloadTooLarge, RequestTimeout
 from edge.http.heads import Seen
 

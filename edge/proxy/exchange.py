@@ -16,8 +16,8 @@ from contextvars import Token
 
 from edge.access.auth import Admission, Gate, Principal
 from edge.config import ServerSettings
-from edge.dialects import dialect_of
 from edge.dialects.errors import error_body
+from edge.dialects.paths import dialect_of
 from edge.errors import EdgeError, NotFound, Unavailable
 from edge.http.heads import render
 from edge.http.server import Reply, Request

@@ -20,7 +20,7 @@ from typing import Final
 import aiohttp
 
 from edge.config import ModelTimeouts, UpstreamSettings
-from edge.dialects import GEMINI, OPENAI
+from edge.dialects.paths import GEMINI, OPENAI
 from edge.errors import EdgeError, UpstreamFailure
 from edge.http.client import (
     FirstByteLate,

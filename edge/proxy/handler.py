@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 
 from edge.access.auth import passthrough_check
-from edge.dialects import dialect_of, split_workspace
+from edge.dialects.paths import dialect_of, split_workspace
 from edge.errors import EdgeError, MethodNotAllowed, NotFound
 from edge.http.server import Reply, Request
 from edge.observe.metrics import CONTENT_TYPE, Metrics

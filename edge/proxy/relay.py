@@ -30,8 +30,8 @@ from typing import Final
 
 import orjson
 
-from edge.dialects import ANTHROPIC
 from edge.dialects.errors import STREAM_FAILED, error_event
+from edge.dialects.paths import ANTHROPIC
 from edge.http.chunked import unframe
 from edge.http.client import (
     BodyPipe,

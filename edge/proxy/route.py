@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import orjson
 
-from edge.dialects import GEMINI, dialect_of, is_gemini, split_workspace
+from edge.dialects.paths import GEMINI, dialect_of, is_gemini, split_workspace
 from edge.errors import BadRequest, MethodNotAllowed, NotFound, Unprocessable
 from edge.http.server import Request
 

@@ -16,10 +16,10 @@ from urllib.parse import parse_qsl
 
 import orjson
 
-from edge.dialects import ANTHROPIC, GEMINI
 from edge.dialects import anthropic as to_anthropic
 from edge.dialects import gemini as to_gemini
 from edge.dialects.errors import error_json
+from edge.dialects.paths import ANTHROPIC, GEMINI
 from edge.errors import BadRequest, Unsupported
 from edge.proxy.route import ProxyRequest
 

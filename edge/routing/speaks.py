@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Final
 
-from edge.dialects import OPENAI
+from edge.dialects.paths import OPENAI
 
 _MAX_LEARNT: Final = 10_000  # (host, dialect) pairs remembered; a bound, cleared whole when full
 
