@@ -126,6 +126,8 @@ class Worker:
         if self.shared is not None:
             hosts = lambda: (h for hs in self.view.fleet.models.values() for h in hs)  # noqa: E731
             self._tasks.append(asyncio.create_task(self.shared.run(hosts), name="shared-load"))
+            if self.forwarder.queueing is not None:  # [admission]: capacity on live counts
+                self.attempts.shared = self.forwarder.queueing.capacity.shared = self.shared
 
     async def reload(self) -> None:
         """SIGHUP: re-read the config file and every source, reopen the access log;
@@ -169,6 +171,9 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.shared is not None:
+            self.attempts.shared = None  # a straggler's end must not write to a closed map
+            if self.forwarder.queueing is not None:
+                self.forwarder.queueing.capacity.shared = None
             self.shared.close()
         self.metrics.share()  # this worker's last counts, for the sum the others report
         self.access.close()

@@ -6,9 +6,11 @@ once, who is shed, who is next. This module holds each waiter's future and wakes
 attempt on any host ends (`released`, the Attempts hook: this worker's own releases, at once),
 on a short timer while anyone waits (`admission.recheck_ms`: other workers' releases reach this
 worker through SharedLoad's shared in-flight counts, and engine readings change capacities), and
-when a waiter leaves without using its grant. A waiter leaves the queue in a `finally`, so a
-client that disconnects while queued (its task cancelled) is out of the queue, and out of the
-queue-length gauge, at once.
+when a waiter leaves without using its grant. With --workers N the counts are live (each
+attempt writes its start and end to the shared table, edge/app.py wires it) and a granted
+waiter confirms, when it resumes, that another worker did not take the slot meanwhile. A waiter
+leaves the queue in a `finally`, so a client that disconnects while queued (its task cancelled)
+is out of the queue, and out of the queue-length gauge, at once.
 
 Off costs nothing: with no capacity configured (`AdmissionSettings.enabled` false) no Queueing
 exists; the proxy checks one attribute per request.
@@ -141,6 +143,8 @@ class Queueing(Collector):
         used = False
         try:
             await future
+            if self.capacity.shared is not None:  # --workers N: is the slot still there?
+                await self._confirm(waiter, hosts)
             used = True  # the caller takes the slot now, before anything else runs
             self.outcomes.inc((model, QUEUED))
             self.waits.observe((model, str(ticket.priority)), time.monotonic() - now)
@@ -149,6 +153,16 @@ class Queueing(Collector):
             adm.leave(waiter)
             if not used and adm.waiting:
                 self._pump(model)  # a grant this waiter did not use goes to the next
+
+    async def _confirm(self, waiter: Waiter, hosts: Sequence[Host]) -> None:
+        """Another worker may have taken the slot between this worker's grant and now (a loop
+        turn): then the waiter is back at its place in the queue until the next grant."""
+        loop = asyncio.get_running_loop()
+        while not self.admission.confirm(waiter, hosts, time.monotonic()):
+            future: asyncio.Future[None] = loop.create_future()
+            waiter.token = future
+            self._arm()
+            await future
 
     def length(self, model: str) -> int:
         return self.admission.length(model)

@@ -9,9 +9,12 @@ prefix, else none (0: unlimited). With `engine_metrics`, a scraped engine that r
 waiting in its own queue, or its KV cache nearly full (`kv_full`), teaches a capacity: the edge's
 load on it at that reading less the engine's queue (multiplicative decrease); a reading without
 a queue raises it by one (additive increase). The load is the worker's in-flight count plus the
-other workers' (`HostStats.remote_inflight`, shared through SharedLoad). With `replicas = N` each
-replica of the edge takes `capacity // N` of each host (at least 1): a static share, no Redis
-round trip per request; the price is a share left idle while a replica has nothing to send.
+other workers', read live from SharedLoad's table (`Capacity.shared`: each attempt writes its
+start and end there at once, so only two workers deciding within the same tens of microseconds
+can both take a server's last slot; `Admission.confirm` closes the longer window of a queued
+grant). With `replicas = N` each replica of the edge takes `capacity // N` of each host (at
+least 1): a static share, no Redis round trip per request; the price is a share left idle while
+a replica has nothing to send.
 
 Queue. A request arriving while no routable host of its model has room, or while others of the
 model wait already (no barging), joins the model's queue; nothing is sent upstream. The queue
@@ -44,6 +47,7 @@ from typing import Final
 from edge.config import AdmissionSettings
 from edge.errors import TooManyRequests, Unavailable
 from edge.routing.fleet import Host
+from edge.routing.stats import SharedLoad
 
 # Named priorities (X-Edge-Priority accepts these or an integer 0..MAX_PRIORITY).
 PRIORITY_NAMES: Final = {"low": 0, "normal": 5, "high": 9}
@@ -174,12 +178,15 @@ class ModelQueue:
 class Capacity:
     """Requests each host may run at once, per model (0: unlimited)."""
 
-    __slots__ = ("settings", "_cache", "learned")
+    __slots__ = ("settings", "_cache", "learned", "shared")
 
     def __init__(self, settings: AdmissionSettings) -> None:
         self.settings = settings
         self._cache: dict[str, dict[str, int]] = {}  # model -> url -> configured capacity
         self.learned: dict[str, int] = {}  # url -> capacity taught by the engine's metrics
+        # --workers N: the other workers' counts read live from the shared table (set by
+        # edge/app.py, which also has every attempt write its start and end there at once).
+        self.shared: SharedLoad | None = None
 
     def of(self, host: Host, model: str) -> int:
         per = self._cache.get(model)
@@ -206,9 +213,14 @@ class Capacity:
             cap = max(1, cap // s.replicas)
         return cap
 
-    @staticmethod
-    def load(host: Host) -> int:
-        return host.inflight + host.stats.remote_inflight
+    def load(self, host: Host) -> int:
+        """This worker's attempts on `host` plus the other workers': live when shared (a read
+        per row of the table: two per worker), else as of SharedLoad's last publish (0 with one
+        worker)."""
+        shared = self.shared
+        if shared is None:
+            return host.inflight + host.stats.remote_inflight
+        return host.inflight + shared.others(host.url)
 
     def has_room(self, host: Host, model: str) -> bool:
         cap = self.of(host, model)
@@ -229,7 +241,7 @@ class Capacity:
             if host.held_until > now or not host.routable_at(now):
                 continue
             cap = self.of(host, model)
-            if cap == 0 or host.inflight + host.stats.remote_inflight < cap:
+            if cap == 0 or self.load(host) < cap:
                 return True
             up = True
         return not up
@@ -367,6 +379,23 @@ class Admission:
             self.waiting -= 1
             granted.append(waiter)
         return granted
+
+    def confirm(self, waiter: Waiter, hosts: Sequence[Host], now: float) -> bool:
+        """A granted waiter resumes (--workers N only): whether a host still has room, judged on
+        live counts. The grant was this worker's alone, a loop turn ago: another worker may
+        have taken the slot since. If so the waiter goes back to its place (its tag and arrival
+        kept: first in line again) and True only comes with a later grant. What follows a True
+        (the plan, the attempt's start) runs without awaiting, so the slot is written at once."""
+        if self.capacity.any_room(waiter.model, hosts, now):
+            return True
+        queue = self.queues.get(waiter.model)
+        if queue is None or waiter.state != GRANTED:
+            return True  # not a grant this queue holds: nothing to give back
+        queue.granted -= 1
+        waiter.state = WAITING
+        queue.push(waiter)
+        self.waiting += 1
+        return False
 
     def leave(self, waiter: Waiter) -> None:
         """The waiter's task resumed or ended: out of the queue, and its grant released."""

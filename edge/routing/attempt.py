@@ -32,6 +32,7 @@ from typing import Final
 
 from edge.routing.fleet import Host
 from edge.routing.health import Health
+from edge.routing.stats import SharedLoad
 
 # Outcomes of an ended attempt, the label of edge_upstream_attempts_total.
 OK: Final = "ok"  # the body ended whole (any status the client keeps: 2xx, 4xx)
@@ -106,7 +107,7 @@ class Attempts:
     """Starts attempts and reads each ended one into the host, health, statistics and the
     listeners (one per worker)."""
 
-    __slots__ = ("health", "listener", "started", "clock", "released")
+    __slots__ = ("health", "listener", "started", "clock", "released", "shared")
 
     def __init__(
         self,
@@ -121,18 +122,25 @@ class Attempts:
         # Admission's hook (edge/proxy/queueing.py): every end, cancelled ones too, frees a slot
         # on the host for a queued request. None unless [admission] sets a capacity.
         self.released: Callable[[Attempt], None] | None = None
+        # [admission] with --workers N: each start and end written to the workers' shared table
+        # at once, where the others' capacity checks read it (SharedLoad.add; set by edge/app.py).
+        self.shared: SharedLoad | None = None
 
     def start(self, host: Host, model: str) -> Attempt:
         """An attempt on `host` begins now (a trial when the host is out of rotation)."""
         self.started += 1
         host.inflight += 1
         host.requests += 1
+        if self.shared is not None:
+            self.shared.add(host.url, 1)
         self.health.started(host)
         return Attempt(self, host, model, self.clock())
 
     def ended(self, attempt: Attempt) -> None:
         host, outcome = attempt.host, attempt.outcome
         stats = host.stats
+        if self.shared is not None:  # before the hook: its queue reads the freed slot
+            self.shared.add(host.url, -1)
         if self.released is not None:
             self.released(attempt)
         if outcome == CANCELLED:

@@ -237,6 +237,15 @@ class SharedLoad:
     `HostStats.remote_inflight`, so picking a host costs nothing extra: counts are as stale as the
     publish period (tens of ms), which is what "approximate" means here.
 
+    Live counts ([admission] with several workers, wired by edge/app.py): capacity must not be
+    judged on a 50 ms old copy, or every worker takes a server's last slot in the same window.
+    Then each attempt's start and end writes this worker's cell at once (`add`: the row is still
+    this worker's alone, so the periodic `publish` rewrites the same totals), and a capacity
+    check sums the other rows' cells as they are now (`others`: a read per row). What is left is
+    the time between one worker's read and its write (its decision and its attempt's start, the
+    same synchronous run): two workers deciding within those microseconds may still both take
+    the last slot. The policies keep reading `remote_inflight` (publish), which costs nothing.
+
     A worker claims its row by a POSIX record lock on the row's byte of the file, which the kernel
     drops when the process dies, even by SIGKILL; `reap` zeroes rows whose lock is free, so a dead
     worker's counts do not linger. Hazards: POSIX locks belong to the process and closing any
@@ -292,6 +301,24 @@ class SharedLoad:
             digest = hashlib.blake2b(url.encode(), digest_size=4).digest()
             slot = self._slots[url] = int.from_bytes(digest, "big") % self.SLOTS
         return slot
+
+    def add(self, url: str, delta: int) -> None:
+        """An attempt on `url` started (+1) or ended (-1) in this worker: its cell, at once.
+        Never below 0: a host that left the fleet had its cell zeroed by `publish`."""
+        i = self.row * self.SLOTS + self.slot(url)
+        cells = self._cells
+        value = cells[i] + delta
+        cells[i] = value if value > 0 else 0
+
+    def others(self, url: str) -> int:
+        """The other workers' in-flight attempts on `url`, as their cells say now."""
+        slot, slots, mine = self.slot(url), self.SLOTS, self.row
+        cells = self._cells
+        total = 0
+        for row in range(self.rows):
+            if row != mine:
+                total += cells[row * slots + slot]
+        return total
 
     def publish(self, hosts: Iterable[_HostLike]) -> None:
         """Write this worker's counts; read the other workers' into each host's stats."""
