@@ -497,12 +497,12 @@ class Stream:
             out.append(self._close() if self._finish is not None else self.fail(STREAM_FAILED))
         return b"".join(out)
 
-    def fail(self, message: str) -> bytes:
+    def fail(self, message: str, trace_id: str | None = None) -> bytes:
         """The upstream broke: Anthropic's error event ends the stream, as it stands."""
         if self._state == _CLOSED:
             return b""
         self._state = _CLOSED
-        return error_event(ANTHROPIC, message)
+        return error_event(ANTHROPIC, message, trace_id)
 
     def drop_partial(self) -> None:
         """Forget the incomplete last line: the stream goes on from a whole event (a

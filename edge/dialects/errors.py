@@ -64,13 +64,21 @@ def error_json(
     return orjson.dumps({"error": error, "detail": message})
 
 
-def error_event(dialect: str, message: str = STREAM_FAILED) -> bytes:
-    """The final SSE event that tells a streaming client its answer ended early."""
+def error_event(dialect: str, message: str = STREAM_FAILED, trace_id: str | None = None) -> bytes:
+    """The final SSE event that tells a streaming client its answer ended early (with the
+    request's trace id, as in error bodies, when it has one)."""
+    error: dict[str, object]
     if dialect == ANTHROPIC:
-        doc = {"type": "error", "error": {"type": "api_error", "message": message}}
-        return b"event: error\ndata: " + orjson.dumps(doc) + b"\n\n"
+        error = {"type": "api_error", "message": message}
+        if trace_id is not None:
+            error["trace_id"] = trace_id
+        return b"event: error\ndata: " + orjson.dumps({"type": "error", "error": error}) + b"\n\n"
     if dialect == GEMINI:
-        body = {"error": {"code": 502, "message": message, "status": "UNAVAILABLE"}}
-        return b"data: " + orjson.dumps(body) + b"\n\n"
-    err = {"message": message, "type": "server_error", "param": None, "code": "upstream_error"}
-    return b"data: " + orjson.dumps({"error": err}) + b"\n\n"
+        error = {"code": 502, "message": message, "status": "UNAVAILABLE"}
+        if trace_id is not None:
+            error["trace_id"] = trace_id
+        return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+    error = {"message": message, "type": "server_error", "param": None, "code": "upstream_error"}
+    if trace_id is not None:
+        error["trace_id"] = trace_id
+    return b"data: " + orjson.dumps({"error": error}) + b"\n\n"

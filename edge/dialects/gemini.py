@@ -568,7 +568,7 @@ class Stream:
         continuation, edge/proxy/continuation.py)."""
         self._rest = b""
 
-    def fail(self, message: str = STREAM_FAILED) -> bytes:
+    def fail(self, message: str = STREAM_FAILED, trace_id: str | None = None) -> bytes:
         """The error ending of a stream whose upstream broke; once. Calls still being gathered
         are dropped: half a call is no call."""
         if self._closed:
@@ -578,7 +578,7 @@ class Stream:
         self._closed = True
         out: list[bytes] = []
         self._flush(out)
-        event = error_event(GEMINI, message)
+        event = error_event(GEMINI, message, trace_id)
         if self._sse:
             out.append(event)
         else:  # the same error object, as the array's last element

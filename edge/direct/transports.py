@@ -13,20 +13,27 @@ When every host failed, the answer is a 503 in the request's dialect naming each
 with `x-should-retry: false` (the SDKs would retry it otherwise: the hosts were all tried).
 
 First-byte deadline: while another host could take the request, an attempt waits for its host's
-recent form (stats.first_byte_deadline), else upstream.first_byte_timeout_s. The async transport
-bounds the head and the first body byte together; the sync one bounds the head (httpcore reads
-a body with one read timeout fixed at its first read, so the first body byte and every later
-one wait up to upstream.idle_timeout_s; upstream.stall_timeout_s for a stream that can be
-continued, edge/direct/resume.py).
+recent form (stats.first_byte_deadline), else upstream.first_byte_timeout_s. httpcore reads a
+body with one read timeout, fixed at its first read (upstream.idle_timeout_s, or
+upstream.stall_timeout_s for a stream that can be continued: edge/direct/resume.py), so an
+attempt with a shorter deadline runs up to its first body byte in a worker thread while the
+caller waits for it up to the deadline (then shuts its socket: the read wakes at once). With
+hedging on, a hedge due runs the same way: a second host's attempt in another thread races the
+first, as the async transport's task does. Any other attempt (the last host's, whose deadline is
+the whole first_byte_timeout_s) runs in the caller's thread, no hand-off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Generator, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -150,6 +157,18 @@ class DirectTransport(httpx2.BaseTransport):
         self.inner = inner or httpx2.HTTPTransport(
             verify=_verify(settings), limits=_limits(settings), trust_env=False
         )
+        u = settings.config.upstream
+        routing = settings.config.routing
+        # Off ([routing] hedging and every model's): no hedge look-up per request.
+        self.hedging = routing.hedging or any(m.hedging for m in routing.models.values())
+        # An attempt whose first-byte deadline is shorter than this runs in a worker thread
+        # (httpcore would wait for the first body byte as long as for any later one).
+        self.inline_limit = min(u.idle_timeout_s, u.first_byte_timeout_s)
+        # One thread per attempt in flight there, each holding at most one connection: more
+        # threads than the pool's connections would only wait for one. Threads start on use.
+        self._pool = ThreadPoolExecutor(
+            max_workers=u.max_connections_per_server, thread_name_prefix="edge-direct-attempt"
+        )
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         path = request.url.raw_path.decode("ascii")
@@ -175,21 +194,35 @@ class DirectTransport(httpx2.BaseTransport):
                     return call.unavailable()
                 time.sleep(wait)
                 continue
-            found = self._attempt(call, host, request, headers)
+            delay = call.hedge_delay(host) if self.hedging else None
+            started = call.start(host)
+            if delay is None and started[1] >= self.inline_limit:
+                found = self._attempt(call, host, request, headers, started)
+            else:
+                found = self._race(call, host, request, headers, started, delay)
             if found is not None:
                 return found
 
     def _attempt(
-        self, call: Call, host: Host, request: httpx2.Request, headers: list[tuple[str, str]]
-    ) -> httpx2.Response | None:
-        attempt, limit = call.start(host)
+        self, call: Call, host: Host, request: httpx2.Request, headers: list[tuple[str, str]],
+        started: tuple[Attempt, float], slot: _Slot | None = None,
+    ) -> httpx2.Response | None:  # fmt: skip
+        """`host`'s attempt up to its first body byte: its response, or None when it failed
+        (the plan has its reason). In a worker thread (`slot`), the caller may give up on it
+        first: whoever claims the slot first ends the attempt."""
+        attempt, limit = started
         timeouts = _timeouts(call, limit)
         out = _outbound(request, call, host, headers, timeouts)
         response: httpx2.Response | None = None
         try:
             response = self.inner.handle_request(out)
-            if _refused(call, attempt, response):
+            if slot is not None:
+                slot.opened(response)
+            status = response.status_code
+            if status >= 500 or status == 429:
                 response.close()
+                if _mine(slot):
+                    _refused(call, attempt, response)
                 return None
             resume = _resumable(call, response, timeouts)
             source = cast(httpx2.SyncByteStream, response.stream)
@@ -198,26 +231,168 @@ class DirectTransport(httpx2.BaseTransport):
         except httpx2.TransportError as exc:
             if response is not None:
                 response.close()
-            outcome, reason = _failure(exc)
-            call.failed(attempt, outcome, reason, True, None)
+            if _mine(slot):
+                outcome, reason = _failure(exc)
+                call.failed(attempt, outcome, reason, True, None)
             return None
         except BaseException:
             if response is not None:
                 response.close()
-            call.cancel(attempt)
+            if _mine(slot):
+                call.cancel(attempt)
             raise
+        if not _mine(slot):
+            response.close()  # the caller gave up on it (and ended the attempt)
+            return None
         call.answered(attempt)
         body = _Body(call, attempt, first, rest, source)
         if resume is not None:
             body.resume, body.again = resume, (self, request, headers)
         return _served(response, host, body)
 
+    def _race(
+        self, call: Call, host: Host, request: httpx2.Request, headers: list[tuple[str, str]],
+        started: tuple[Attempt, float], delay: float | None,
+    ) -> httpx2.Response | None:  # fmt: skip
+        """`host`'s attempt in a worker thread, the caller waiting up to its first-byte deadline
+        (the head and the first body byte together, as the async transport does); hedged as
+        the edge hedges when `delay` is set: no first byte within it, a second host (the plan's,
+        paid from the hedge budget) races it in another thread. The first to open wins; the
+        other is cancelled (no verdict), its connection shut."""
+        racing = [self._start(call, host, request, headers, started)]
+        winner: httpx2.Response | None = None
+        try:
+            if delay is not None and not wait([racing[0].future], timeout=delay).done:
+                second = call.hedge()
+                if second is not None:
+                    again = call.start(second)
+                    racing.append(self._start(call, second, request, headers, again))
+            winner = _first(call, racing)
+            return winner
+        finally:
+            for running in racing:
+                running.lost(call, winner)
+
+    def _start(
+        self, call: Call, host: Host, request: httpx2.Request, headers: list[tuple[str, str]],
+        started: tuple[Attempt, float],
+    ) -> _Running:  # fmt: skip
+        slot = _Slot(started[0], started[1])
+        future = self._pool.submit(self._attempt, call, host, request, headers, started, slot)
+        return _Running(slot, future)
+
     def close(self) -> None:
         self.router.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.inner.close()
 
     def __repr__(self) -> str:
         return f"<DirectTransport {self.router!r}>"
+
+
+class _Slot:
+    """An attempt run in a worker thread: the worker (done) or the caller (giving up: a lost
+    race, a deadline passed) claims it, once; the one that does ends the attempt."""
+
+    __slots__ = ("attempt", "until", "limit", "claimed", "response", "lock")
+
+    def __init__(self, attempt: Attempt, limit: float) -> None:
+        self.attempt, self.limit = attempt, limit
+        self.until = time.monotonic() + limit
+        self.claimed = False
+        self.response: httpx2.Response | None = None
+        self.lock = threading.Lock()
+
+    def claim(self) -> bool:
+        with self.lock:
+            if self.claimed:
+                return False
+            self.claimed = True
+            return True
+
+    def opened(self, response: httpx2.Response) -> None:
+        """The head came: a caller giving up from now shuts its socket (waking the read)."""
+        with self.lock:
+            self.response = response
+            gone = self.claimed
+        if gone:
+            _shut(response)
+
+    def give_up(self) -> bool:
+        """Claim it for the caller and wake the worker's read; False: the worker was first."""
+        if not self.claim():
+            return False
+        with self.lock:
+            response = self.response
+        if response is not None:
+            _shut(response)
+        return True
+
+
+def _mine(slot: _Slot | None) -> bool:
+    return slot is None or slot.claim()
+
+
+def _shut(response: httpx2.Response) -> None:
+    """Shut a response's socket down from another thread: its blocked read returns at once
+    (closing the socket would not wake it); the worker then closes the response itself."""
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Running:
+    """One attempt in a worker thread: its slot and its future."""
+
+    __slots__ = ("slot", "future")
+
+    def __init__(self, slot: _Slot, future: Future[httpx2.Response | None]) -> None:
+        self.slot, self.future = slot, future
+
+    def lost(self, call: Call, winner: httpx2.Response | None) -> None:
+        """End this attempt if it did not win: cancelled (no verdict) or, opened by a hair
+        after the winner, its response closed."""
+        if self.slot.give_up():
+            call.cancel(self.slot.attempt)
+            return
+        with contextlib.suppress(Exception):
+            found = self.future.result()  # the worker claimed it: it is returning now
+            if found is not None and found is not winner:
+                found.close()
+
+
+def _first(call: Call, racing: list[_Running]) -> httpx2.Response | None:
+    """The first response among `racing`, each waited for up to its first-byte deadline (then
+    failed: timeout, and its read woken); None when all failed. Raises what a worker raised
+    (not a transport error: that failed its attempt) when none answered."""
+    pending, raised = list(racing), None
+    while pending:
+        now = time.monotonic()
+        for running in [r for r in pending if r.slot.until <= now and not r.future.done()]:
+            slot = running.slot
+            if slot.give_up():
+                reason = f"no first byte within {slot.limit:.1f} s"
+                call.failed(slot.attempt, TIMEOUT, reason, True, None)
+                pending.remove(running)
+            else:
+                slot.until = float("inf")  # the worker ended it: its future is being set
+        futures = [r.future for r in pending]
+        timeout = max(0.0, min(r.slot.until for r in pending) - now) if pending else 0.0
+        done = wait(futures, timeout=timeout, return_when=FIRST_COMPLETED).done
+        for running in [r for r in pending if r.future in done]:
+            pending.remove(running)
+            exc = running.future.exception()
+            if exc is not None:
+                raised = raised or exc
+                continue
+            found = running.future.result()
+            if found is not None:
+                return found
+    if raised is not None:
+        raise raised
+    return None
 
 
 class _Body(httpx2.SyncByteStream):

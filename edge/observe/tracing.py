@@ -98,6 +98,16 @@ def current() -> RequestTrace | None:
     return CURRENT.get()
 
 
+def trace_id_of(headers: Headers) -> str | None:
+    """The request's W3C trace id for an error it is told of: its trace's when it is traced,
+    else its client's `traceparent`'s (read only now: nobody asked before)."""
+    trace = CURRENT.get()
+    if trace is not None:
+        return trace.trace_id
+    parent = incoming(headers)
+    return parent.trace_id if parent is not None else None
+
+
 class Incoming(Protocol):
     """What `begin` reads of the request (edge.http.server.Request)."""
 

@@ -24,8 +24,7 @@ from edge.http.server import Reply, Request
 from edge.observe.accesslog import AccessLog, KeyUse
 from edge.observe.metrics import Metrics
 from edge.observe.record import RequestRecord, Usage
-from edge.observe.tracecontext import incoming
-from edge.observe.tracing import CURRENT, RequestTrace, Tracing
+from edge.observe.tracing import CURRENT, RequestTrace, Tracing, trace_id_of
 from edge.proxy.fallback import CONTEXT_LENGTH, REFUSALS, UNAVAILABLE, fallback_models, too_long
 from edge.proxy.forward import Forwarder, Upstream
 from edge.proxy.outbound import RequestIds, upstream_headers
@@ -333,8 +332,7 @@ class Exchange:
         now: nobody asked for it before)."""
         if self.trace is not None:
             return self.trace.trace_id
-        parent = incoming(self.request.headers)
-        return parent.trace_id if parent is not None else None
+        return trace_id_of(self.request.headers)
 
     def _key_use(self) -> KeyUse | None:
         """For the access log: which key (its short id), its workspace, and what it cost."""

@@ -43,6 +43,7 @@ from edge.http.client import (
 )
 from edge.http.server import Connection, Request
 from edge.observe.record import Usage
+from edge.observe.tracing import trace_id_of
 from edge.proxy.continuation import (
     ERROR_EVENT,
     ERROR_KEY,
@@ -119,14 +120,15 @@ async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> R
         final = stopped or isinstance(failure, PastDeadline)
         got = received(first, pipe) if keep and not final else None
         sent = len(first) + pipe.body_piped
+        trace_id = trace_id_of(request.headers)  # the error event names the request's trace
         if got is not None:  # edge/proxy/continuation.py: on from another host
-            done = await _resumed(conn, up, dialect, got, message)
+            done = await _resumed(conn, up, dialect, got, message, trace_id)
             if done is not None:
                 usage = read_usage(got, b"".join(done.added[-3:])) if done.ok else None
                 outcome = "ok" if done.ok else "stream_error"
                 return Relayed(status, sent + done.sent, usage, outcome, first_sent_at, _now())
         ended_at = time.monotonic()
-        _broken(request, upstream, pipe, dialect, first, message)
+        _broken(request, upstream, pipe, dialect, first, message, trace_id)
         return Relayed(status, sent, None, "stream_error", first_sent_at, ended_at)
     ended_at = time.monotonic()
     conn.end()
@@ -137,7 +139,7 @@ async def relay(request: Request, up: Upstream, dialect: str, extra: bytes) -> R
 
 
 async def _resumed(
-    conn: Connection, up: Upstream, dialect: str, got: bytes, message: str
+    conn: Connection, up: Upstream, dialect: str, got: bytes, message: str, trace_id: str | None
 ) -> Resumed | None:
     """A stream that broke, continued from another host (edge/proxy/continuation.py), and the
     client's stream ended: whole, or with the error event. None: the client holds half an event,
@@ -151,7 +153,7 @@ async def _resumed(
         if done.ok:
             conn.end()
         elif had is not None:  # the client is between two whole events
-            conn.write(error_event(dialect, message))
+            conn.write(error_event(dialect, message, trace_id))
             conn.end()
         else:
             return None
@@ -163,14 +165,14 @@ async def _resumed(
         return None
     events = native.events(plan.preq.model)
     done = await resume(conn, up, native.had, lambda data: conn.write(events.feed(data)), len(got))
-    conn.write(events.end() if done.ok else events.fail(message))
+    conn.write(events.end() if done.ok else events.fail(message, trace_id))
     conn.end()
     return done
 
 
 def _broken(
     request: Request, upstream: UpstreamResponse, pipe: BodyPipe, dialect: str, first: bytes,
-    message: str,
+    message: str, trace_id: str | None,
 ) -> None:  # fmt: skip
     conn = request.conn
     if conn.sized or not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
@@ -189,7 +191,7 @@ def _broken(
         if pipe.last:
             last = last[:-2]  # the CRLF that ended the chunk
     lead = b"" if last.endswith((b"\n\n", b"\r\n\r\n")) or not last else b"\n\n"
-    conn.write(lead + error_event(dialect, message))
+    conn.write(lead + error_event(dialect, message, trace_id))
     conn.end()
 
 
@@ -333,7 +335,7 @@ async def relay_translated(
             done = await resume(conn, up, broken(whole_events(got), True), sink, len(got))
             if done.ok and not sink.failed:
                 return _translated_end(conn, events, sink, status, got, done.added, first_sent_at)
-        conn.write(events.fail(message))
+        conn.write(events.fail(message, trace_id_of(request.headers)))
         conn.end()
         return Relayed(status, sink.sent, None, "stream_error", first_sent_at, _now())
     prev, last = pipe.prev, pipe.last

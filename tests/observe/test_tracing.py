@@ -355,3 +355,32 @@ async def test_a_queued_request_shows_its_wait_as_a_queue_span(receiver, start_m
     # Its attempt started when the wait ended, not before.
     attempt = next(s for s in spans if s.kind == "client" and s.parent_id == second.parent_id)
     assert attempt.start_ns >= second.end_ns - 1_000_000
+
+
+@pytest.mark.parametrize("dialect", ["openai", "anthropic", "anthropic-translated"])
+async def test_the_error_event_of_a_broken_stream_names_the_trace(start_mock, start_edge, dialect):
+    # One host (nothing to continue on) that closes its stream after a few chunks: it ends
+    # with the edge's error event, which names the client's trace as error bodies do.
+    speaks = ("openai",) if dialect == "anthropic-translated" else ("openai", "anthropic")
+    mock = await start_mock(tokens=20, speaks=speaks)
+    edge = await start_edge(models={MODEL: [mock]})
+    await fault(mock, cut_after=3)
+    if dialect == "openai":
+        path, body = "/v1/chat/completions", {**chat(), "stream": True}
+    else:
+        path = "/v1/messages"
+        body = {"model": MODEL, "max_tokens": 20, "stream": True,
+                "messages": [{"role": "user", "content": "hello"}]}  # fmt: skip
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{edge.url}{path}", json=body, headers={"traceparent": SAMPLED}
+        ) as resp:
+            assert resp.status == 200
+            text = (await resp.read()).decode()
+    errors = [
+        json.loads(line[len("data: ") :])
+        for line in text.splitlines()
+        if line.startswith("data: ") and '"error"' in line
+    ]
+    assert len(errors) == 1, text
+    assert errors[0]["error"]["trace_id"] == TRACE
