@@ -13,20 +13,25 @@ When every host failed, the answer is a 503 in the request's dialect naming each
 with `x-should-retry: false` (the SDKs would retry it otherwise: the hosts were all tried).
 
 First-byte deadline: while another host could take the request, an attempt waits for its host's
-recent form (stats.first_byte_deadline), else upstream.first_byte_timeout_s. httpcore reads a
-body with one read timeout, fixed at its first read (upstream.idle_timeout_s, or
-upstream.stall_timeout_s for a stream that can be continued: edge/direct/resume.py), so an
-attempt with a shorter deadline runs up to its first body byte in a worker thread while the
-caller waits for it up to the deadline (then shuts its socket: the read wakes at once). With
-hedging on, a hedge due runs the same way: a second host's attempt in another thread races the
-first, as the async transport's task does. Any other attempt (the last host's, whose deadline is
-the whole first_byte_timeout_s) runs in the caller's thread, no hand-off.
+recent form (stats.first_byte_deadline), else upstream.first_byte_timeout_s, for the head and the
+first body byte together, as the async transport. httpcore reads a body with one read timeout
+fixed at its first read (upstream.idle_timeout_s; upstream.stall_timeout_s for a stream that can
+be continued: edge/direct/resume.py), so the first body byte is read in the caller's thread
+under a watchdog (`_Watchdog`: one thread per transport) that shuts the socket at the deadline.
+
+Hedging (`hedging=True`): when the balancer gives a hedge delay for the host (its p95, with
+enough samples), the attempt runs in a worker thread (a pool owned by the transport) while the
+caller waits up to the delay; then a second host's attempt (Plan.hedge, paid from the hedge
+budget) races it in another thread. The first first byte wins; the loser's socket is shut (its
+read wakes at once) and its attempt cancelled, as the async transport's lost task. Without a
+hedge delay no worker thread is used.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import heapq
 import itertools
 import socket
 import ssl
@@ -161,9 +166,10 @@ class DirectTransport(httpx2.BaseTransport):
         routing = settings.config.routing
         # Off ([routing] hedging and every model's): no hedge look-up per request.
         self.hedging = routing.hedging or any(m.hedging for m in routing.models.values())
-        # An attempt whose first-byte deadline is shorter than this runs in a worker thread
-        # (httpcore would wait for the first body byte as long as for any later one).
-        self.inline_limit = min(u.idle_timeout_s, u.first_byte_timeout_s)
+        # An attempt whose first-byte deadline is shorter than this has its first body byte
+        # watched (httpcore would wait for it as long as for any later one).
+        self.body_timeout = min(u.idle_timeout_s, u.first_byte_timeout_s)
+        self._watchdog = _Watchdog()
         # One thread per attempt in flight there, each holding at most one connection: more
         # threads than the pool's connections would only wait for one. Threads start on use.
         self._pool = ThreadPoolExecutor(
@@ -196,7 +202,7 @@ class DirectTransport(httpx2.BaseTransport):
                 continue
             delay = call.hedge_delay(host) if self.hedging else None
             started = call.start(host)
-            if delay is None and started[1] >= self.inline_limit:
+            if delay is None:
                 found = self._attempt(call, host, request, headers, started)
             else:
                 found = self._race(call, host, request, headers, started, delay)
@@ -213,7 +219,9 @@ class DirectTransport(httpx2.BaseTransport):
         attempt, limit = started
         timeouts = _timeouts(call, limit)
         out = _outbound(request, call, host, headers, timeouts)
+        until = time.monotonic() + limit if limit < self.body_timeout else None
         response: httpx2.Response | None = None
+        watch: _Watch | None = None
         try:
             response = self.inner.handle_request(out)
             if slot is not None:
@@ -227,15 +235,24 @@ class DirectTransport(httpx2.BaseTransport):
             resume = _resumable(call, response, timeouts)
             source = cast(httpx2.SyncByteStream, response.stream)
             rest = iter(source)
+            if until is not None:
+                watch = self._watchdog.watch(until, response)
             first = next(rest, b"")
+            if watch is not None and self._watchdog.end(watch):
+                raise httpx2.ReadTimeout("no first byte within the deadline")
         except httpx2.TransportError as exc:
+            late = watch is not None and self._watchdog.end(watch)
             if response is not None:
                 response.close()
             if _mine(slot):
                 outcome, reason = _failure(exc)
+                if late:
+                    outcome, reason = TIMEOUT, f"no first byte within {limit:.1f} s"
                 call.failed(attempt, outcome, reason, True, None)
             return None
         except BaseException:
+            if watch is not None:
+                self._watchdog.end(watch)
             if response is not None:
                 response.close()
             if _mine(slot):
@@ -252,17 +269,16 @@ class DirectTransport(httpx2.BaseTransport):
 
     def _race(
         self, call: Call, host: Host, request: httpx2.Request, headers: list[tuple[str, str]],
-        started: tuple[Attempt, float], delay: float | None,
+        started: tuple[Attempt, float], delay: float,
     ) -> httpx2.Response | None:  # fmt: skip
-        """`host`'s attempt in a worker thread, the caller waiting up to its first-byte deadline
-        (the head and the first body byte together, as the async transport does); hedged as
-        the edge hedges when `delay` is set: no first byte within it, a second host (the plan's,
-        paid from the hedge budget) races it in another thread. The first to open wins; the
-        other is cancelled (no verdict), its connection shut."""
+        """`host`'s attempt hedged as the edge hedges ([routing] hedging), in a worker thread:
+        no first byte within `delay` (its recent p95), a second host (the plan's, paid from the
+        hedge budget) races it in another thread. The first to open wins; the other is
+        cancelled (no verdict), its connection shut. Each waits up to its own deadline."""
         racing = [self._start(call, host, request, headers, started)]
         winner: httpx2.Response | None = None
         try:
-            if delay is not None and not wait([racing[0].future], timeout=delay).done:
+            if not wait([racing[0].future], timeout=delay).done:
                 second = call.hedge()
                 if second is not None:
                     again = call.start(second)
@@ -284,6 +300,7 @@ class DirectTransport(httpx2.BaseTransport):
     def close(self) -> None:
         self.router.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._watchdog.close()
         self.inner.close()
 
     def __repr__(self) -> str:
@@ -341,6 +358,66 @@ def _shut(response: httpx2.Response) -> None:
     if isinstance(sock, socket.socket):
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watch:
+    """One attempt's first body byte, watched: `fired` when its deadline passed first."""
+
+    __slots__ = ("response", "done", "fired")
+
+    def __init__(self, response: httpx2.Response) -> None:
+        self.response: httpx2.Response | None = response  # dropped at the end: the heap keeps
+        self.done = self.fired = False  # an ended watch until its deadline
+
+
+class _Watchdog:
+    """Bounds first body bytes read in the callers' own threads: one daemon thread, started on
+    first use, shuts the socket of a read past its deadline (its read wakes at once, failing).
+    A watch costs the caller a heap push and a pop-free end under one lock (~1 us); the thread
+    sleeps until the earliest deadline. Ended watches leave the heap at their deadline."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Watch]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def watch(self, until: float, response: httpx2.Response) -> _Watch:
+        watch = _Watch(response)
+        with self._cond:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(
+                    target=self._run, name="edge-direct-watchdog", daemon=True
+                )
+                self._thread.start()
+            earliest = not self._heap or until < self._heap[0][0]
+            heapq.heappush(self._heap, (until, next(self._seq), watch))
+            if earliest:
+                self._cond.notify()
+        return watch
+
+    def end(self, watch: _Watch) -> bool:
+        """The first byte came (or the read failed): True when the deadline had passed first."""
+        with self._cond:
+            watch.done, watch.response = True, None
+            return watch.fired
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    watch = heapq.heappop(self._heap)[2]
+                    if not watch.done and watch.response is not None:
+                        watch.fired = True
+                        _shut(watch.response)
+                self._cond.wait(self._heap[0][0] - now if self._heap else None)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
 
 
 class _Running:

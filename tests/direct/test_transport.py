@@ -107,7 +107,10 @@ def test_a_killed_host_is_failed_over_with_no_client_error(tmp_path: Path) -> No
 
 async def test_async_openai_fails_over_a_host_answering_503(fleet: list[str]) -> None:
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens: connect refused
-    transport = edge.direct.async_transport(models={MODEL: [down, *fleet]}, affinity=False)
+    # Round robin: the down host is certain to be tried (P2C might never draw it in 12).
+    transport = edge.direct.async_transport(
+        models={MODEL: [down, *fleet]}, affinity=False, policy="round_robin"
+    )
     async with openai.AsyncOpenAI(
         base_url="http://direct/v1", api_key="k",
         http_client=httpx2.AsyncClient(transport=transport),
