@@ -26,8 +26,9 @@ ALLOWED: dict[str, set[str]] = {
     "proxy": {"config", "errors", "dialects", "http", "routing", "observe", "access"},
     "dev": {"config", "dialects"},
     # The routing as a client library (edge.direct): routing and what routing stands on; of the
-    # proxy only the pure continuation (proxy.splice), checked below as a named exception.
-    "direct": {"config", "errors", "dialects", "routing", "proxy"},
+    # proxy only the pure continuation (proxy.splice), of http only the wire's field readers
+    # (http.heads: Retry-After), both checked below as named exceptions.
+    "direct": {"config", "errors", "dialects", "routing", "proxy", "http"},
 }
 
 
@@ -63,6 +64,8 @@ def test_each_module_imports_only_the_packages_below_its_own(path: Path) -> None
             assert name == "edge.proxy.route", f"{path.name} imports {name}"
         if owner == "direct" and target == "proxy":
             assert name == "edge.proxy.splice", f"{path.name} imports {name}"
+        if owner == "direct" and target == "http":
+            assert name == "edge.http.heads", f"{path.name} imports {name}"
 
 
 def test_the_checks_see_every_package() -> None:

@@ -28,7 +28,6 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from email.utils import parsedate_to_datetime
 from typing import Any, Final
 
 import aiohttp
@@ -38,6 +37,7 @@ from edge.dialects import GEMINI, OPENAI, dialect_of, is_gemini, split_workspace
 from edge.direct.resume import Resumable, continuable
 from edge.direct.settings import DirectSettings
 from edge.errors import BadRequest, NotFound, Unavailable, Unprocessable
+from edge.http.heads import retry_after_s
 from edge.routing.attempt import Attempt, Attempts
 from edge.routing.balance import PIN_HEADER, ROUTE_HEADER, Balancer, Decision
 from edge.routing.discovery import Discovery
@@ -295,7 +295,8 @@ class Call:
         with self.router.lock:
             attempt.fail(outcome, now, blame)
             self.plan.failed(attempt.host, reason)
-            seconds = retry_after_s(retry_after, time.time()) if retry_after else 0.0
+            # The edge's one reader of the field (every HTTP-date form, bounded).
+            seconds = retry_after_s(retry_after, time.time()) if retry_after else None
             if seconds:
                 limit = self.router.config.upstream.retry_after_max_s
                 self.plan.hold(attempt.host, min(seconds, limit), now)
@@ -349,17 +350,6 @@ def _document(body: bytes) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise Unprocessable("The request body must be a JSON object.", param="model")
     return doc
-
-
-def retry_after_s(value: str, now: float) -> float:
-    """Retry-After in seconds (delta-seconds or an HTTP date); 0.0 when unreadable."""
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return 0.0
 
 
 def _unknown_model(model: str) -> NotFound:

@@ -3,6 +3,7 @@ mock model servers as subprocesses on loopback, the transports routing to them d
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -377,3 +378,32 @@ def test_a_source_that_never_answered_is_a_503_not_an_unknown_model(tmp_path: Pa
         client.chat.completions.create(model=MODEL, messages=HI)
     assert "sources have not answered" in str(raised.value)
     transport.close()
+
+
+async def test_a_retry_after_date_holds_the_busy_host_for_that_long() -> None:
+    # h0 (first by price) answers one 429 with Retry-After as an HTTP-date (RFC 850's form) 3 s
+    # ahead, read by the edge's own reader (http/heads.py): the request moves to h1, and h0 is
+    # held, so the next requests go to h1 too until the date passes, then back to h0.
+    procs = Procs()
+    try:
+        urls = [procs.mock(free_port(), MODEL, name=f"h{i}") for i in range(2)]
+        transport = edge.direct.async_transport(models={MODEL: urls}, routing__models=prices(urls))
+        until = time.time() + 3
+        date = time.strftime("%A, %d-%b-%y %H:%M:%S GMT", time.gmtime(until))
+        await fault(urls[0], status=429, retry_after=date, count=1)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://direct") as client:
+            body = {"model": MODEL, "messages": HI}
+
+            async def ask() -> str:
+                reply = await client.post("/v1/chat/completions", json=body)
+                assert reply.status_code == 200
+                return str(reply.headers["x-mock-server"])
+
+            held = [await ask() for _ in range(3)]
+            while time.time() < until + 0.2:
+                await asyncio.sleep(0.1)
+            after = await ask()
+        await transport.aclose()
+    finally:
+        procs.stop_all()
+    assert held == ["h1", "h1", "h1"] and after == "h0"
